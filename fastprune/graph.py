@@ -1,0 +1,126 @@
+"""The pruning graph: coupled groups of parameter slices, as plain data.
+
+A *group* is one channel space (an attention head group, an MLP channel, the hidden
+dimension) together with every parameter slice that must shrink with it.  Element ``e``
+of a group occupies, in each attached :class:`Slice`, the indices ``base + e * stride``
+along ``slice.dim`` of that parameter.  This one affine form covers plain projections,
+heads (``base = range(head_dim)``), GQA (a kv head owns ``rep`` query heads), fused
+tensors (an offset in ``base``) and interleaved layouts (a stride larger than ``base``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+GROUP_KINDS = ("heads", "channels", "hidden")
+
+
+@dataclass(frozen=True)
+class Slice:
+    """The part of one parameter dimension that belongs to a group.
+
+    ``role`` is ``"out"`` when the slice holds rows this parameter produces (a Linear's
+    output rows, a bias), ``"in"`` when the dimension is contracted (a Linear's input
+    columns), ``"other"`` otherwise (norm weights, embedding columns).
+    """
+
+    param: str
+    dim: int
+    base: tuple[int, ...]
+    stride: int
+    role: str = "other"
+
+    def indices(self, elements: torch.Tensor | Iterable[int]) -> torch.Tensor:
+        """Indices along ``dim`` occupied by ``elements`` (in element order)."""
+        elements = torch.as_tensor(list(elements) if not isinstance(elements, torch.Tensor) else elements,
+                                   dtype=torch.long)
+        base = torch.tensor(self.base, dtype=torch.long)
+        return (elements[:, None] * self.stride + base[None, :]).reshape(-1)
+
+    @property
+    def width(self) -> int:
+        """Number of indices one element occupies."""
+        return len(self.base)
+
+
+@dataclass
+class Group:
+    """A set of ``size`` interchangeable elements and the slices they own.
+
+    ``root`` lists the indices of the slices that open the group (the output rows of
+    q/k for attention, of gate/up for an MLP channel); the ``first`` aggregation uses
+    only those.  ``heads_per_element`` is the number of query heads one element
+    removes (``rep`` under GQA, 1 under MHA) and is 0 for non-attention groups.
+    """
+
+    name: str
+    kind: str
+    layer: int | None
+    size: int
+    slices: list[Slice]
+    root: list[int] = field(default_factory=list)
+    heads_per_element: int = 0
+    normalized: bool = False  # a norm averages over this space (hidden dim): not exact to mask
+
+    def params_per_element(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        """Parameters one element of this group removes (each index counted once)."""
+        total = 0
+        for sl in self.slices:
+            shape = shapes[sl.param]
+            other = 1
+            for d, n in enumerate(shape):
+                if d != sl.dim:
+                    other *= n
+            total += sl.width * other
+        return total
+
+
+@dataclass
+class PruningGraph:
+    """Everything discovery found: the groups, the removable layers and model facts."""
+
+    groups: list[Group]
+    layer_container: str | None  # module path of the ModuleList holding the blocks
+    num_layers: int
+    param_shapes: dict[str, tuple[int, ...]]
+    fingerprint: str
+    warnings: list[str] = field(default_factory=list)
+    # module path -> {attribute: group name}: integer attributes to keep in step with a group
+    attribute_links: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no group named {name!r}; groups are {[g.name for g in self.groups][:8]}...")
+
+    def groups_of(self, kind: str) -> list[Group]:
+        return [g for g in self.groups if g.kind == kind]
+
+    @property
+    def total_params(self) -> int:
+        total = 0
+        for shape in self.param_shapes.values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+        return total
+
+    def __str__(self) -> str:
+        lines = [f"PruningGraph: {len(self.groups)} groups, {self.num_layers} removable layers"
+                 f" in {self.layer_container!r}, {self.total_params:,} parameters"]
+        for g in self.groups:
+            where = "all layers" if g.layer is None else f"layer {g.layer}"
+            per = g.params_per_element(self.param_shapes)
+            lines.append(f"  {g.name:<28} {g.kind:<9} {where:<10} {g.size:>6} elements x {per:,} params")
+            for i, sl in enumerate(g.slices):
+                mark = "*" if i in g.root else " "
+                lines.append(f"    {mark} {sl.param} dim {sl.dim} [{sl.role}] width {sl.width}"
+                             f" stride {sl.stride} offset {sl.base[0] if sl.base else 0}")
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        return "\n".join(lines)
