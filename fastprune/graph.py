@@ -88,8 +88,9 @@ class PruningGraph:
     param_shapes: dict[str, tuple[int, ...]]
     fingerprint: str
     warnings: list[str] = field(default_factory=list)
-    # module path -> {attribute: group name}: integer attributes to keep in step with a group
-    attribute_links: dict[str, dict[str, str]] = field(default_factory=dict)
+    # module path -> {attribute: (group name, multiplier)}: integer attributes that must equal
+    # (kept elements of the group) x multiplier after pruning, e.g. a module's head count
+    attribute_links: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)
 
     def group(self, name: str) -> Group:
         for g in self.groups:

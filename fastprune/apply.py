@@ -1,0 +1,190 @@
+"""``apply(model, plan)``: validate the whole plan, then compact the model in place."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+
+from fastprune import ops
+from fastprune.errors import FastpruneError
+from fastprune.graph import PruningGraph
+from fastprune.plan import Plan
+
+
+def validate(plan: Plan, graph: PruningGraph) -> None:
+    """Raise :class:`FastpruneError` naming the first problem; never touches the model."""
+    if plan.fingerprint != graph.fingerprint:
+        raise FastpruneError(f"this plan was made for a different model (plan fingerprint "
+                             f"{plan.fingerprint}, model {graph.fingerprint})")
+    known = {g.name: g for g in graph.groups}
+    for name, size in plan.group_sizes.items():
+        if name in known and known[name].size != size:
+            raise FastpruneError(f"group {name!r} has {known[name].size} elements in this model, "
+                                 f"the plan expects {size}")
+    for name, kept in plan.keep.items():
+        group = known.get(name)
+        if group is None:
+            raise FastpruneError(f"the plan names group {name!r}, which this model does not have")
+        if not kept:
+            what = "head group" if group.kind == "heads" else "element"
+            raise FastpruneError(f"the plan removes every {what} of {name!r}; keep at least one")
+        if any(type(i) is not int for i in kept):
+            raise FastpruneError(f"kept indices of {name!r} must be integers")
+        if any(b <= a for a, b in zip(kept, kept[1:])):
+            raise FastpruneError(f"kept indices of {name!r} must be sorted and distinct (duplicates or "
+                                 f"disorder found)")
+        if kept[0] < 0 or kept[-1] >= group.size:
+            bad = kept[0] if kept[0] < 0 else kept[-1]
+            raise FastpruneError(f"kept index {bad} of {name!r} is out of range [0, {group.size})")
+    layers = plan.remove_layers
+    if layers:
+        if graph.layer_container is None:
+            raise FastpruneError("the plan removes layers but the model has no repeated layers")
+        if len(set(layers)) != len(layers):
+            raise FastpruneError("the plan removes a layer twice")
+        bad = [i for i in layers if not 0 <= i < graph.num_layers]
+        if bad:
+            raise FastpruneError(f"layer {bad[0]} is out of range [0, {graph.num_layers})")
+        if len(layers) >= graph.num_layers:
+            raise FastpruneError("the plan removes every layer")
+
+
+def kept_indices(plan: Plan, graph: PruningGraph) -> dict[tuple[str, int], torch.Tensor]:
+    """Per (parameter, dim) the sorted indices that stay, for every dimension that shrinks."""
+    masks: dict[tuple[str, int], torch.Tensor] = {}
+    for group in graph.groups:
+        kept = plan.keep.get(group.name)
+        if kept is None or len(kept) == group.size:
+            continue
+        removed = torch.ones(group.size, dtype=torch.bool)
+        removed[torch.tensor(kept, dtype=torch.long)] = False
+        removed_elements = removed.nonzero().flatten()
+        for sl in group.slices:
+            key = (sl.param, sl.dim)
+            if key not in masks:
+                masks[key] = torch.ones(graph.param_shapes[sl.param][sl.dim], dtype=torch.bool)
+            masks[key][sl.indices(removed_elements)] = False
+    return {k: m.nonzero().flatten() for k, m in masks.items()}
+
+
+def apply(model: torch.nn.Module, plan: Plan, graph: PruningGraph | None = None) -> None:
+    """Prune ``model`` in place as ``plan`` says (validated first, one matrix at a time)."""
+    if graph is None:
+        from fastprune.discover import discover
+        graph = discover(model)
+    validate(plan, graph)
+    keep = kept_indices(plan, graph)
+    removed_layers = set(plan.remove_layers)
+    params = dict(model.named_parameters())
+    by_param: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    for (name, dim), idx in keep.items():
+        by_param[name].append((dim, idx))
+    from fastprune.discover import _layer_of
+    with torch.no_grad():
+        for name, dims in by_param.items():
+            if _layer_of(name, graph.layer_container) in removed_layers:
+                continue
+            p = params[name]
+            data = p.data
+            for dim, idx in sorted(dims, key=lambda x: x[0]):
+                new = ops.gather(data, dim, idx.to(data.device))
+                data = new
+            p.data = data  # the old storage is freed here: peak overhead is one matrix
+            p.grad = None
+    _update_module_attributes(model, plan, graph)
+    _update_config(model, plan, graph)
+    if removed_layers:
+        _remove_layers(model, graph, sorted(removed_layers))
+
+
+def _update_module_attributes(model: torch.nn.Module, plan: Plan, graph: PruningGraph) -> None:
+    modules = dict(model.named_modules())
+    for module_name, attrs in graph.attribute_links.items():
+        for attr, (group_name, per) in attrs.items():
+            if group_name in plan.keep:
+                setattr(modules[module_name], attr, len(plan.keep[group_name]) * per)
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        Conv1D = ()  # noqa: N806
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
+        elif isinstance(mod, torch.nn.Embedding):
+            mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+        elif isinstance(mod, torch.nn.LayerNorm) and mod.weight is not None:
+            mod.normalized_shape = tuple(mod.weight.shape)
+        elif Conv1D and isinstance(mod, Conv1D):
+            mod.nx, mod.nf = mod.weight.shape
+
+
+def _update_config(model: torch.nn.Module, plan: Plan, graph: PruningGraph) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    widths = layer_widths(model, graph, plan)
+    hidden = [g for g in graph.groups if g.kind == "hidden"]
+    if hidden and hidden[0].name in plan.keep:
+        old, new = hidden[0].size, len(plan.keep[hidden[0].name])
+        heads = getattr(config, "num_attention_heads", None)
+        if heads and getattr(config, "head_dim", None) is None:
+            config.head_dim = old // heads  # keep the per-head width explicit once hidden shrinks
+        for attr in ("hidden_size", "n_embd", "d_model", "dim"):
+            if getattr(config, attr, None) == old:
+                setattr(config, attr, new)
+    uniform = {}
+    for key in ("heads", "kv_heads", "intermediate"):
+        values = {w[key] for w in widths.values() if w.get(key) is not None}
+        if len(values) == 1:
+            uniform[key] = values.pop()
+    old_heads = getattr(config, "num_attention_heads", None)
+    if "heads" in uniform and old_heads is not None:
+        config.num_attention_heads = uniform["heads"]
+    if "kv_heads" in uniform and getattr(config, "num_key_value_heads", None) is not None:
+        config.num_key_value_heads = uniform["kv_heads"]
+    if "intermediate" in uniform and getattr(config, "intermediate_size", None) is not None:
+        config.intermediate_size = uniform["intermediate"]
+    if any(len({w.get(k) for w in widths.values()}) > 1 for k in ("heads", "intermediate")):
+        config.fastprune_layer_widths = {str(i): w for i, w in widths.items()}
+
+
+def layer_widths(model: torch.nn.Module, graph: PruningGraph, plan: Plan | None = None) -> dict[int, dict]:
+    """Per layer: query heads, kv heads (attention groups) and MLP channels after ``plan``."""
+    out: dict[int, dict] = {}
+    for g in graph.groups:
+        if g.layer is None or (plan and g.layer in plan.remove_layers):
+            continue
+        n = len(plan.keep[g.name]) if plan and g.name in plan.keep else g.size
+        w = out.setdefault(g.layer, {})
+        if g.kind == "heads":
+            w["kv_heads"] = w.get("kv_heads", 0) + n
+            w["heads"] = w.get("heads", 0) + n * g.heads_per_element
+        elif g.kind == "channels":
+            w["intermediate"] = w.get("intermediate", 0) + n
+    return out
+
+
+def _remove_layers(model: torch.nn.Module, graph: PruningGraph, removed: list[int]) -> None:
+    container = model.get_submodule(graph.layer_container)
+    kept = [m for i, m in enumerate(container) if i not in set(removed)]
+    new = torch.nn.ModuleList(kept)
+    parent_name, _, attr = graph.layer_container.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+    for new_index, layer in enumerate(new):
+        for mod in layer.modules():
+            for name in ("layer_idx", "layer_id", "layer_number"):
+                if type(getattr(mod, name, None)) is int:
+                    setattr(mod, name, new_index)
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    old = graph.num_layers
+    for attr in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        if getattr(config, attr, None) == old:
+            setattr(config, attr, len(new))
+    for attr, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == old and re.search(r"layer", attr):
+            setattr(config, attr, [v for i, v in enumerate(value) if i not in set(removed)])

@@ -1,0 +1,181 @@
+"""``discover(model) -> PruningGraph``: coupled groups found by tracing, no model-specific code."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from fastprune.errors import FastpruneError
+from fastprune.graph import Group, PruningGraph, Slice
+from fastprune.plan import model_fingerprint
+from fastprune.trace import TraceResult, trace_model
+
+# name hints for integer module attributes that hold a group's width
+_ATTR_HINTS = {
+    "heads": re.compile(r"head(?!_dim|_size|dim)", re.I),
+    "channels": re.compile(r"intermediate|ffn|inner|mlp|hidden_dim", re.I),
+    "hidden": re.compile(r"hidden|embed|embd|d_model|model_dim", re.I),
+}
+
+
+def find_layer_container(model: torch.nn.Module) -> tuple[str | None, int]:
+    """The ModuleList of repeated blocks holding the most parameters (path, length)."""
+    best, best_params, best_len = None, 0, 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(m) for m in mod}) != 1:
+            continue
+        n = sum(p.numel() for p in mod.parameters())
+        if n > best_params:
+            best, best_params, best_len = name, n, len(mod)
+    return best, best_len
+
+
+def _layer_of(param: str, container: str | None) -> int | None:
+    if container is None:
+        return None
+    prefix = container + "."
+    if not param.startswith(prefix):
+        return None
+    head = param[len(prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for items in zip(*parts):
+        if len(set(items)) != 1:
+            break
+        common.append(items[0])
+    return ".".join(common)
+
+
+def _trace_input(model: torch.nn.Module) -> torch.Tensor:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or getattr(model.config, "vocab_size", 32)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (2, 7), generator=gen).to(device)
+
+
+def discover(model: torch.nn.Module, input_ids: torch.Tensor | None = None) -> PruningGraph:
+    """Trace one small forward pass of ``model`` and derive its coupled pruning groups."""
+    container, num_layers = find_layer_container(model)
+    was_training = model.training
+    model.eval()
+    try:
+        result = trace_model(model, input_ids if input_ids is not None else _trace_input(model))
+    finally:
+        model.train(was_training)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    groups = _build_groups(result, shapes, container)
+    if not groups and num_layers == 0:
+        raise FastpruneError(f"nothing prunable found in {type(model).__name__}: no channel space is "
+                             "free to shrink and no repeated layers")
+    graph = PruningGraph(groups=groups, layer_container=container, num_layers=num_layers,
+                         param_shapes=shapes, fingerprint=model_fingerprint(model),
+                         warnings=list(dict.fromkeys(result.unmapped)))
+    graph.attribute_links = _attribute_links(model, result, groups, graph)
+    return graph
+
+
+def _leaf_slices(result: TraceResult, shapes) -> tuple[dict[int, list[Slice]], set[int]]:
+    sp = result.spaces
+    slices: dict[int, list[Slice]] = defaultdict(list)
+    blocked: set[int] = set()
+    for name, atoms in result.param_atoms.items():
+        for dim, atom in enumerate(atoms):
+            if shapes[name][dim] <= 1:
+                continue
+            role = result.param_roles.get((name, dim), "other")
+            for leaf, base, stride, blk in sp.layout(atom):
+                if blk:
+                    blocked.add(leaf)
+                contiguous = len(base) == 1 or bool(np.all(np.diff(base) == 1))
+                if not contiguous or stride < len(base):
+                    blocked.add(leaf)
+                slices[leaf].append(Slice(name, dim, tuple(int(i) for i in base), int(stride), role))
+    return slices, blocked
+
+
+def _build_groups(result: TraceResult, shapes, container: str | None) -> list[Group]:
+    sp = result.spaces
+    attention = set()
+    for a in range(len(sp.parent)):
+        if sp.find(a) == a and "attention" in sp.flags[a]:
+            attention |= sp.descendants(a)
+    reduced = set()
+    for a in result.reduced_atoms:
+        reduced |= sp.descendants(a)
+    heads_per = {}
+    for h in result.head_atoms:
+        for leaf, base, _, _ in sp.layout(h):
+            heads_per.setdefault(leaf, len(base))
+
+    slices, blocked = _leaf_slices(result, shapes)
+    param_order = {n: i for i, n in enumerate(shapes)}
+    groups, used_names = [], set()
+    for leaf in sorted(slices, key=lambda lf: min(param_order[s.param] for s in slices[lf])):
+        size = sp.size[leaf]
+        if leaf in blocked or size <= 1:
+            continue
+        sls = sorted(slices[leaf], key=lambda s: (param_order[s.param], s.dim))
+        layers = {_layer_of(s.param, container) for s in sls}
+        if leaf in attention:
+            kind = "heads"
+        elif len(layers) > 1:
+            kind = "hidden"
+        else:
+            kind = "channels"
+        if leaf in reduced and kind != "hidden":
+            continue  # something averages over this space inside a block: not removable exactly
+        layer = next(iter(layers)) if len(layers) == 1 else None
+        if kind == "heads":
+            root = [i for i, s in enumerate(sls) if s.role == "out" and s.param in result.attention_params]
+        elif kind == "channels":
+            root = [i for i, s in enumerate(sls) if s.role == "out"]
+        else:
+            first = sls[0].param
+            root = [i for i, s in enumerate(sls) if s.param == first]
+        root = root or list(range(len(sls)))
+        if kind == "hidden":
+            name = "hidden"
+        else:
+            name = _common_prefix([sls[i].param for i in root]) or f"group{len(groups)}"
+            if kind == "channels" and name == _common_prefix([s.param for s in sls]) and layer is not None:
+                name = name or f"layer{layer}"
+        base_name, k = name, 1
+        while name in used_names:
+            name, k = f"{base_name}#{k}", k + 1
+        used_names.add(name)
+        groups.append(Group(name=name, kind=kind, layer=layer, size=size, slices=sls, root=root,
+                            heads_per_element=heads_per.get(leaf, 1) if kind == "heads" else 0,
+                            normalized=leaf in reduced))
+        groups[-1]._leaf = leaf  # type: ignore[attr-defined]
+    return groups
+
+
+def _attribute_links(model, result: TraceResult, groups: list[Group], graph: PruningGraph):
+    sp = result.spaces
+    by_leaf = {g._leaf: g for g in groups}  # type: ignore[attr-defined]
+    modules = dict(model.named_modules())
+    links: dict[str, dict[str, tuple[str, int]]] = defaultdict(dict)
+    for module_name, atom, literal in result.view_literals:
+        found = [(by_leaf[leaf], len(base)) for leaf, base, _, _ in sp.layout(atom) if leaf in by_leaf]
+        if len(found) != 1:
+            continue
+        group, per = found[0]
+        if group.size * per != literal or module_name not in modules:
+            continue
+        hint = _ATTR_HINTS[group.kind]
+        for attr, value in vars(modules[module_name]).items():
+            if type(value) is int and value == literal and hint.search(attr):
+                links[module_name][attr] = (group.name, per)
+    for g in groups:
+        del g._leaf  # type: ignore[attr-defined]
+    return dict(links)

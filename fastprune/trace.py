@@ -1,0 +1,604 @@
+"""Trace one small forward pass at the aten level and relate every tensor dimension.
+
+A :class:`TorchDispatchMode` sees each aten op with real (small) tensors.  Each tensor
+dimension gets an atom in :class:`~fastprune.spaces.Spaces`; rules per op family relate
+the atoms of inputs and outputs (contractions, broadcasts, views, slices, concatenation,
+attention).  Parameters are recognised by identity, so no module names or model classes
+are needed.  Ops without a rule block every atom they touch and are reported by name with
+the module that ran them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fastprune.spaces import Spaces
+
+aten = torch.ops.aten
+
+_SAME_DIMS = {
+    "clone", "alias", "detach", "_to_copy", "contiguous", "lift_fresh", "lift_fresh_copy",
+    "_softmax", "softmax", "_log_softmax", "log_softmax", "fill_", "zero_", "triu", "tril",
+    "dropout", "native_dropout", "bernoulli", "bernoulli_", "copy_", "masked_fill", "masked_fill_",
+    "cumsum", "_safe_softmax", "roll", "flip", "nan_to_num",
+}
+_REDUCE_ALONG = {"_softmax", "softmax", "_log_softmax", "log_softmax", "cumsum", "_safe_softmax"}
+_REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "var_mean", "var", "std", "argmax", "argmin",
+               "logsumexp", "norm", "linalg_vector_norm", "any", "all", "prod", "std_mean"}
+_FACTORIES = {"arange", "zeros", "ones", "full", "empty", "scalar_tensor", "randint", "rand", "randn",
+              "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones", "new_empty",
+              "new_full", "empty_strided", "rand_like", "randn_like", "linspace", "eye", "tensor"}
+_SDPA = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+         "_scaled_dot_product_attention_math", "_scaled_dot_product_fused_attention_overrideable",
+         "scaled_dot_product_attention"}
+_IGNORE = {"_local_scalar_dense", "is_nonzero", "sym_size", "sym_stride", "sym_numel", "equal",
+           "_assert_async", "_assert_tensor_metadata", "set_", "resize_", "record_stream"}
+
+
+@dataclass
+class TraceResult:
+    """What the trace learned: atoms of every parameter dimension and the facts around them."""
+
+    spaces: Spaces
+    param_atoms: dict[str, list[int]]
+    param_roles: dict[tuple[str, int], str]
+    attention_params: set[str]  # params whose outputs feed attention queries/keys
+    head_atoms: list[int]  # query-head atoms seen in attention ops
+    reduced_atoms: set[int]
+    view_literals: list[tuple[str, int, int]]  # (module path, atom, literal size) of explicit view sizes
+    unmapped: list[str] = field(default_factory=list)
+
+
+class _Tracer(TorchDispatchMode):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.sp = Spaces()
+        self.dims: dict[int, tuple[torch.Tensor, list[int]]] = {}
+        self.prov: dict[int, frozenset[str]] = {}  # activation -> params whose outputs it carries
+        self.pdims: dict[int, list[tuple[str, int] | None]] = {}  # tensor dim -> param dim it is
+        self.param_atoms: dict[str, list[int]] = {}
+        self.param_roles: dict[tuple[str, int], str] = {}
+        self.attention_params: set[str] = set()
+        self.head_atoms: list[int] = []
+        self.reduced: set[int] = set()
+        self.view_literals: list[tuple[str, int, int]] = []
+        self.unmapped: list[str] = []
+        self.module_stack: list[str] = [""]
+        seen = set()
+        for name, p in model.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            atoms = [self.sp.new(s) for s in p.shape]
+            self.param_atoms[name] = atoms
+            self.dims[id(p)] = (p, atoms)
+            self.pdims[id(p)] = [(name, d) for d in range(p.dim())]
+
+    # ------------------------------------------------------------ helpers
+
+    def atoms(self, t: torch.Tensor) -> list[int]:
+        entry = self.dims.get(id(t))
+        if entry is None:  # a buffer, an input or a constant made outside the trace: fixed
+            atoms = [self.sp.new(s, blocked=True) for s in t.shape]
+            self.dims[id(t)] = (t, atoms)
+            return atoms
+        return entry[1]
+
+    def set(self, t: torch.Tensor, atoms: list[int], prov: frozenset[str] = frozenset(),
+            pdims: list | None = None) -> None:
+        assert len(atoms) == t.dim(), (len(atoms), t.shape)
+        self.dims[id(t)] = (t, atoms)
+        if prov:
+            self.prov[id(t)] = prov
+        if pdims is not None and any(x is not None for x in pdims):
+            self.pdims[id(t)] = pdims
+
+    def provenance(self, *ts) -> frozenset[str]:
+        out = frozenset()
+        for t in ts:
+            if isinstance(t, torch.Tensor):
+                out |= self.prov.get(id(t), frozenset())
+        return out
+
+    def fresh(self, t: torch.Tensor, blocked: bool = False) -> list[int]:
+        atoms = [self.sp.new(s, blocked=blocked) for s in t.shape]
+        self.set(t, atoms)
+        return atoms
+
+    def role(self, t: torch.Tensor, dim: int, role: str) -> None:
+        pd = self.pdims.get(id(t))
+        if pd is not None and pd[dim] is not None:
+            self.param_roles.setdefault(pd[dim], role)
+
+    def broadcast(self, inputs: Sequence[torch.Tensor], out_shape: Sequence[int]) -> list[int]:
+        """Right-aligned broadcast: dims of equal (non-1) size are the same space."""
+        n = len(out_shape)
+        out = []
+        for k in range(n):
+            size = out_shape[k]
+            members = []
+            for t in inputs:
+                j = t.dim() - n + k
+                if j >= 0 and t.shape[j] == size and size != 1:
+                    members.append(self.atoms(t)[j])
+            if members:
+                for m in members[1:]:
+                    self.sp.union(members[0], m)
+                out.append(members[0])
+            else:
+                out.append(self.sp.new(size))
+        return out
+
+    # ------------------------------------------------------------ dispatch
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.__name__.split(".")[0]
+        try:
+            self.rule(func, name, args, kwargs, out)
+        except Exception as exc:  # a rule that cannot relate shapes: block, never guess
+            self.unknown(name, args, kwargs, out, f"{type(exc).__name__}: {exc}")
+        return out
+
+    def unknown(self, name, args, kwargs, out, why="no rule") -> None:
+        flat, _ = tree_flatten((args, kwargs))
+        for t in flat:
+            if isinstance(t, torch.Tensor):
+                for a in self.atoms(t):
+                    self.sp.block(a)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.fresh(t, blocked=True)
+        self.unmapped.append(f"aten.{name} in module {self.module_stack[-1] or '<root>'!r} ({why})")
+
+    def rule(self, func, name, args, kwargs, out) -> None:
+        if name in _IGNORE or not isinstance(out, (torch.Tensor, tuple, list)):
+            return
+        if name in _FACTORIES:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.fresh(t, blocked=True)
+            return
+        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        handler = getattr(self, f"op_{name}", None)
+        if handler is not None:
+            handler(args, kwargs, out)
+            return
+        if name in _SAME_DIMS:
+            x = args[0]
+            atoms = self.atoms(x)
+            if name in _REDUCE_ALONG:
+                self.reduced.add(self.sp.find(atoms[args[1] % x.dim()]))
+            o = out[0] if isinstance(out, (tuple, list)) else out
+            if o.shape == x.shape:
+                others = [t for t in tensors[1:] if t.dim() > 0]
+                atoms = self.broadcast([x, *others], list(x.shape)) if others else atoms
+                self.set(o, list(atoms), self.provenance(x), self.pdims.get(id(x)))
+                return
+        if torch.Tag.pointwise in func.tags or name in ("where", "clamp", "lerp", "addcmul", "addcdiv"):
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            atoms = self.broadcast(tensors, list(outs[0].shape))
+            for o in outs:
+                self.set(o, list(atoms), self.provenance(*tensors))
+            return
+        if name in _REDUCTIONS:
+            self.reduction(args, kwargs, out)
+            return
+        self.unknown(name, args, kwargs, out)
+
+    # ------------------------------------------------------------ shapes
+
+    def op_view(self, args, kwargs, out):
+        x, shape = args[0], args[1]
+        if isinstance(shape, torch.dtype):
+            self.unknown("view.dtype", args, kwargs, out)
+            return
+        atoms = self.reshape(x, out)
+        for k, s in enumerate(shape):
+            if isinstance(s, int) and s > 1:
+                self.view_literals.append((self.module_stack[-1], atoms[k], s))
+
+    op__unsafe_view = op_view
+    op_reshape = op_view
+
+    def reshape(self, x: torch.Tensor, out: torch.Tensor) -> list[int]:
+        a_in = self.atoms(x)
+        xs, ys = list(x.shape), list(out.shape)
+        out_atoms: list[int | None] = [None] * len(ys)
+        i = j = 0
+        while i < len(xs) or j < len(ys):
+            if i < len(xs) and xs[i] == 1:
+                i += 1
+                continue
+            if j < len(ys) and ys[j] == 1:
+                out_atoms[j] = self.sp.new(1)
+                j += 1
+                continue
+            gi, gj = [i], [j]
+            pi, pj = xs[i], ys[j]
+            i, j = i + 1, j + 1
+            while pi != pj:
+                if pi < pj:
+                    gi.append(i)
+                    pi *= xs[i]
+                    i += 1
+                else:
+                    gj.append(j)
+                    pj *= ys[j]
+                    j += 1
+            gi = [k for k in gi if xs[k] != 1]
+            gj_real = [k for k in gj if ys[k] != 1]
+            for k in gj:
+                if ys[k] == 1:
+                    out_atoms[k] = self.sp.new(1)
+            if len(gi) == 1 and len(gj_real) == 1:
+                out_atoms[gj_real[0]] = a_in[gi[0]]
+            elif len(gi) == 1:
+                new = [self.sp.new(ys[k]) for k in gj_real]
+                self.sp.define(a_in[gi[0]], "prod", new)
+                for k, a in zip(gj_real, new):
+                    out_atoms[k] = a
+            else:
+                merged = self.sp.new(math.prod(xs[k] for k in gi))
+                self.sp.define(merged, "prod", [a_in[k] for k in gi])
+                if len(gj_real) == 1:
+                    out_atoms[gj_real[0]] = merged
+                else:
+                    new = [self.sp.new(ys[k]) for k in gj_real]
+                    self.sp.define(merged, "prod", new)
+                    for k, a in zip(gj_real, new):
+                        out_atoms[k] = a
+        pd = self.pdims.get(id(x))
+        keep_pd = None
+        if pd is not None and [s for s in xs if s != 1] == [s for s in ys if s != 1]:
+            real = [d for d, s in zip(pd, xs) if s != 1]
+            keep_pd = [real.pop(0) if s != 1 else None for s in ys]
+        self.set(out, out_atoms, self.provenance(x), keep_pd)
+        return out_atoms
+
+    def permuted(self, x, out, order):
+        a = self.atoms(x)
+        pd = self.pdims.get(id(x))
+        self.set(out, [a[k] for k in order], self.provenance(x), [pd[k] for k in order] if pd else None)
+
+    def op_t(self, args, kwargs, out):
+        self.permuted(args[0], out, list(range(args[0].dim()))[::-1])
+
+    def op_transpose(self, args, kwargs, out):
+        x, d0, d1 = args[0], args[1] % max(args[0].dim(), 1), args[2] % max(args[0].dim(), 1)
+        order = list(range(x.dim()))
+        order[d0], order[d1] = order[d1], order[d0]
+        self.permuted(x, out, order)
+
+    def op_permute(self, args, kwargs, out):
+        self.permuted(args[0], out, [d % args[0].dim() for d in args[1]])
+
+    def op_unsqueeze(self, args, kwargs, out):
+        x = args[0]
+        a = list(self.atoms(x))
+        pd = list(self.pdims.get(id(x), [None] * x.dim()))
+        d = args[1] % out.dim()
+        a.insert(d, self.sp.new(1))
+        pd.insert(d, None)
+        self.set(out, a, self.provenance(x), pd)
+
+    def op_squeeze(self, args, kwargs, out):
+        x = args[0]
+        dims = range(x.dim()) if len(args) < 2 else ([args[1]] if isinstance(args[1], int) else args[1])
+        dims = {d % x.dim() for d in dims if x.shape[d] == 1}
+        a, pd = self.atoms(x), self.pdims.get(id(x), [None] * x.dim())
+        keep = [k for k in range(x.dim()) if k not in dims]
+        self.set(out, [a[k] for k in keep], self.provenance(x), [pd[k] for k in keep])
+
+    def op_expand(self, args, kwargs, out):
+        x = args[0]
+        a = self.atoms(x)
+        lead = out.dim() - x.dim()
+        atoms = [self.sp.new(out.shape[k]) for k in range(lead)]
+        for k in range(x.dim()):
+            atoms.append(a[k] if x.shape[k] == out.shape[lead + k] else self.sp.new(out.shape[lead + k]))
+        self.set(out, atoms, self.provenance(x))
+
+    def op_slice(self, args, kwargs, out):
+        x = args[0]
+        dim = (args[1] if len(args) > 1 else 0) % x.dim()
+        n = x.shape[dim]
+        start = args[2] if len(args) > 2 and args[2] is not None else 0
+        end = args[3] if len(args) > 3 and args[3] is not None else n
+        step = args[4] if len(args) > 4 else 1
+        start, end = (start + n if start < 0 else start), (end + n if end < 0 else end)
+        start, end = max(0, min(start, n)), max(0, min(end, n))
+        a = list(self.atoms(x))
+        if step != 1:
+            self.sp.block(a[dim], "strided slice")
+            a[dim] = self.sp.new(out.shape[dim], blocked=True)
+        elif (start, end) != (0, n):
+            a[dim] = self.piece(a[dim], n, start, end)
+        self.set(out, a, self.provenance(x))
+
+    def piece(self, atom: int, n: int, start: int, end: int) -> int:
+        parts = [(0, start), (start, end), (end, n)]
+        atoms = [self.sp.new(b - s) for s, b in parts]
+        self.sp.define(atom, "cat", [a for a, (s, b) in zip(atoms, parts) if b > s])
+        return atoms[1]
+
+    def op_split(self, args, kwargs, out):
+        x, size = args[0], args[1]
+        dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % x.dim()
+        n = x.shape[dim]
+        sizes = size if isinstance(size, (list, tuple)) else [min(size, n - s) for s in range(0, n, size)]
+        a = self.atoms(x)
+        pieces = [self.sp.new(s) for s in sizes]
+        self.sp.define(a[dim], "cat", pieces)
+        for t, p in zip(out, pieces):
+            atoms = list(a)
+            atoms[dim] = p
+            self.set(t, atoms, self.provenance(x))
+
+    op_split_with_sizes = op_split
+
+    def op_chunk(self, args, kwargs, out):
+        x, chunks = args[0], args[1]
+        dim = (args[2] if len(args) > 2 else 0) % x.dim()
+        self.op_split([x, math.ceil(x.shape[dim] / chunks), dim], {}, out)
+
+    def op_select(self, args, kwargs, out):
+        x, dim = args[0], args[1] % args[0].dim()
+        a = list(self.atoms(x))
+        self.sp.block(a[dim])  # a fixed index of a space: that space cannot shrink
+        del a[dim]
+        self.set(out, a, self.provenance(x))
+
+    def op_unbind(self, args, kwargs, out):
+        x = args[0]
+        dim = (args[1] if len(args) > 1 else 0) % x.dim()
+        a = list(self.atoms(x))
+        self.sp.block(a[dim])
+        del a[dim]
+        for t in out:
+            self.set(t, list(a), self.provenance(x))
+
+    def op_cat(self, args, kwargs, out):
+        ts = [t for t in args[0] if not (t.dim() == 1 and t.shape[0] == 0)]
+        dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % out.dim()
+        first = self.atoms(ts[0])
+        atoms = []
+        for k in range(out.dim()):
+            if k == dim:
+                atoms.append(self.sp.new(out.shape[k]))
+                self.sp.define(atoms[-1], "cat", [self.atoms(t)[k] for t in ts])
+            else:
+                for t in ts[1:]:
+                    if t.shape[k] == out.shape[k] and out.shape[k] != 1:
+                        self.sp.union(first[k], self.atoms(t)[k])
+                atoms.append(first[k])
+        self.set(out, atoms, self.provenance(*ts))
+
+    def op_stack(self, args, kwargs, out):
+        ts = args[0]
+        dim = (args[1] if len(args) > 1 else 0) % out.dim()
+        atoms = self.broadcast(ts, list(ts[0].shape))
+        atoms.insert(dim, self.sp.new(len(ts), blocked=True))
+        self.set(out, atoms, self.provenance(*ts))
+
+    def op_repeat(self, args, kwargs, out):
+        x, reps = args[0], list(args[1])
+        a = self.atoms(x)
+        lead = len(reps) - x.dim()
+        atoms = [self.sp.new(out.shape[k]) for k in range(lead)]
+        for k in range(x.dim()):
+            r = reps[lead + k]
+            if r == 1:
+                atoms.append(a[k])
+            else:  # tiling: index = copy * n + i
+                new = self.sp.new(out.shape[lead + k])
+                self.sp.define(new, "prod", [self.sp.new(r), a[k]])
+                atoms.append(new)
+        self.set(out, atoms, self.provenance(x))
+
+    def op_repeat_interleave(self, args, kwargs, out):
+        x = args[0]
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
+        if not isinstance(x, torch.Tensor) or dim is None or not isinstance(args[1], int):
+            self.unknown("repeat_interleave", args, kwargs, out)
+            return
+        dim %= x.dim()
+        a = list(self.atoms(x))
+        new = self.sp.new(out.shape[dim])
+        self.sp.define(new, "prod", [a[dim], self.sp.new(args[1])])
+        a[dim] = new
+        self.set(out, a, self.provenance(x))
+
+    def op_index_select(self, args, kwargs, out):
+        x, dim = args[0], args[1] % args[0].dim()
+        a = list(self.atoms(x))
+        self.sp.block(a[dim])
+        a[dim] = self.sp.new(out.shape[dim], blocked=True)
+        self.set(out, a, self.provenance(x))
+
+    def op_index(self, args, kwargs, out):
+        x, indices = args[0], args[1]
+        a = self.atoms(x)
+        idx = [k for k, t in enumerate(indices) if t is not None]
+        for k in idx:
+            self.sp.block(a[k])
+        if idx == list(range(len(idx))) or len(idx) == 1:
+            rest = [a[k] for k in range(x.dim()) if k not in idx]
+            n_new = out.dim() - len(rest)
+            new = [self.sp.new(out.shape[idx[0] + k], blocked=True) for k in range(n_new)]
+            atoms = rest[:idx[0]] + new + rest[idx[0]:]
+            if [self.sp.size[self.sp.find(q)] for q in atoms] == list(out.shape):
+                self.set(out, atoms, self.provenance(x))
+                return
+        self.unknown("index", args, kwargs, out)
+
+    def op_embedding(self, args, kwargs, out):
+        w, ids = args[0], args[1]
+        wa = self.atoms(w)
+        self.sp.block(wa[0])  # rows are looked up by value: never pruned
+        self.role(w, 1, "other")
+        self.set(out, [*self.atoms(ids), wa[1]])
+
+    def reduction(self, args, kwargs, out):
+        x = args[0]
+        a = self.atoms(x)
+        dims = args[1] if len(args) > 1 and not isinstance(args[1], (bool, float)) else kwargs.get("dim")
+        if dims is None:
+            dims = list(range(x.dim()))
+        elif isinstance(dims, int):
+            dims = [dims]
+        dims = {d % max(x.dim(), 1) for d in dims}
+        for d in dims:
+            if x.shape[d] > 1:
+                self.reduced.add(self.sp.find(a[d]))
+        for o in tree_flatten(out)[0]:
+            if not isinstance(o, torch.Tensor):
+                continue
+            if o.dim() == x.dim():
+                atoms = [self.sp.new(1) if d in dims else a[d] for d in range(x.dim())]
+            else:
+                atoms = [a[d] for d in range(x.dim()) if d not in dims]
+            if [self.sp.size[self.sp.find(q)] for q in atoms] != list(o.shape):
+                atoms = [self.sp.new(s, blocked=True) for s in o.shape]
+            self.set(o, atoms, self.provenance(x))
+
+    # ------------------------------------------------------------ contractions
+
+    def matmul(self, a, b, out, batch_dims: int) -> None:
+        aa, ba = self.atoms(a), self.atoms(b)
+        self.sp.union(aa[-1], ba[-2])
+        for k in range(batch_dims):
+            self.sp.union(aa[k], ba[k])
+        self.role(b, b.dim() - 2, "in")
+        self.role(b, b.dim() - 1, "out")
+        self.role(a, a.dim() - 1, "in")
+        self.role(a, a.dim() - 2, "out")
+        b_param = self.pdims.get(id(b))
+        a_param = self.pdims.get(id(a))
+        if b_param is not None and b_param[-1] is not None:
+            prov = frozenset([b_param[-1][0]])
+        elif a_param is not None and a_param[-2] is not None:
+            prov = frozenset([a_param[-2][0]])
+        else:
+            prov = self.provenance(a, b)
+            if batch_dims:  # activation x activation with batch dims: attention scores/context
+                for k in range(batch_dims):
+                    self.sp.flag(aa[k], "attention")
+                self.attention_params.update(self.provenance(a))
+        self.set(out, [*aa[:batch_dims], aa[-2], ba[-1]], prov)
+
+    def op_mm(self, args, kwargs, out):
+        self.matmul(args[0], args[1], out, 0)
+
+    def op_bmm(self, args, kwargs, out):
+        self.matmul(args[0], args[1], out, 1)
+
+    def op_addmm(self, args, kwargs, out):
+        self.matmul(args[1], args[2], out, 0)
+        bias = args[0]
+        self.broadcast([out, bias], list(out.shape))
+        if bias.dim() >= 1:
+            self.role(bias, bias.dim() - 1, "out")
+        self.prov[id(out)] = self.prov.get(id(out), frozenset()) | self.provenance(bias)
+
+    def op_baddbmm(self, args, kwargs, out):
+        self.matmul(args[1], args[2], out, 1)
+        self.broadcast([out, args[0]], list(out.shape))
+
+    def op_native_layer_norm(self, args, kwargs, out):
+        x, shape, w, b = args[0], args[1], args[2], args[3]
+        a = self.atoms(x)
+        n = len(shape)
+        for k, p in enumerate((w, b)):
+            if p is not None:
+                pa = self.atoms(p)
+                for j in range(n):
+                    self.sp.union(a[x.dim() - n + j], pa[j])
+        for j in range(n):
+            self.reduced.add(self.sp.find(a[x.dim() - n + j]))
+        self.set(out[0], list(a), self.provenance(x))
+        for o in out[1:]:
+            self.fresh(o, blocked=True)
+
+    def op__fused_rms_norm(self, args, kwargs, out):
+        x, shape, w = args[0], args[1], args[2]
+        a = self.atoms(x)
+        n = len(shape)
+        if w is not None:
+            for j, pa in enumerate(self.atoms(w)):
+                self.sp.union(a[x.dim() - n + j], pa)
+        for j in range(n):
+            self.reduced.add(self.sp.find(a[x.dim() - n + j]))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.set(outs[0], list(a), self.provenance(x))
+        for o in outs[1:]:
+            self.fresh(o, blocked=True)
+
+    def attention(self, q, k, v, out, mask=None):
+        qa, ka, va = self.atoms(q), self.atoms(k), self.atoms(v)
+        for x in range(q.dim() - 3):
+            self.sp.union(qa[x], ka[x])
+            self.sp.union(qa[x], va[x])
+        hq, hk = qa[-3], ka[-3]
+        self.sp.union(hk, va[-3])
+        if q.shape[-3] == k.shape[-3]:
+            self.sp.union(hq, hk)
+        else:  # grouped-query attention: query head = kv head x repeat
+            self.sp.define(hq, "prod", [hk, self.sp.new(q.shape[-3] // k.shape[-3])])
+        self.sp.union(qa[-1], ka[-1])
+        self.sp.union(ka[-2], va[-2])
+        self.sp.flag(hq, "attention")
+        self.head_atoms.append(hq)
+        self.attention_params.update(self.provenance(q) | self.provenance(k))
+        if isinstance(mask, torch.Tensor):
+            self.broadcast([mask], list(mask.shape))
+        o = out[0] if isinstance(out, (tuple, list)) else out
+        self.set(o, [*qa[:-1], va[-1]], self.provenance(v))
+        if isinstance(out, (tuple, list)):
+            for extra in out[1:]:
+                if isinstance(extra, torch.Tensor):
+                    self.fresh(extra, blocked=True)
+
+    def __getattr__(self, name):
+        if name.startswith("op_") and name[3:] in _SDPA:
+            def handler(args, kwargs, out):
+                self.attention(args[0], args[1], args[2], out, kwargs.get("attn_mask"))
+            return handler
+        raise AttributeError(name)
+
+
+def trace_model(model: torch.nn.Module, input_ids: torch.Tensor) -> TraceResult:
+    """Run ``model(input_ids)`` under the tracer and return the related spaces."""
+    tracer = _Tracer(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    handles = []
+
+    def push(mod, *_):
+        tracer.module_stack.append(names.get(id(mod), "?"))
+
+    def pop(mod, *_):
+        if len(tracer.module_stack) > 1:
+            tracer.module_stack.pop()
+
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(push))
+        handles.append(m.register_forward_hook(pop, always_call=True))
+    try:
+        with torch.no_grad(), tracer:
+            output = model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    logits = output.logits if hasattr(output, "logits") else output[0]
+    for a in tracer.atoms(logits):  # the model's output keeps its shape
+        tracer.sp.block(a)
+    return TraceResult(tracer.sp, tracer.param_atoms, tracer.param_roles, tracer.attention_params,
+                       tracer.head_atoms, tracer.reduced, tracer.view_literals, tracer.unmapped)
