@@ -159,7 +159,8 @@ def layer_widths(model: torch.nn.Module, graph: PruningGraph, plan: Plan | None 
         n = len(plan.keep[g.name]) if plan and g.name in plan.keep else g.size
         w = out.setdefault(g.layer, {})
         if g.kind == "heads":
-            w["kv_heads"] = w.get("kv_heads", 0) + n
+            if g.kv_heads_per_element:
+                w["kv_heads"] = w.get("kv_heads", 0) + n * g.kv_heads_per_element
             w["heads"] = w.get("heads", 0) + n * g.heads_per_element
         elif g.kind == "channels":
             w["intermediate"] = w.get("intermediate", 0) + n

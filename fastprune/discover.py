@@ -15,7 +15,7 @@ from fastprune.trace import TraceResult, trace_model
 
 # name hints for integer module attributes that hold a group's width
 _ATTR_HINTS = {
-    "heads": re.compile(r"head(?!_dim|_size|dim)", re.I),
+    "heads": re.compile(r"head(?!_dim|_size|dim)|groups", re.I),
     "channels": re.compile(r"intermediate|ffn|inner|mlp|hidden_dim", re.I),
     "hidden": re.compile(r"hidden|embed|embd|d_model|model_dim", re.I),
 }
@@ -56,8 +56,8 @@ def _common_prefix(names: list[str]) -> str:
 
 
 def _trace_input(model: torch.nn.Module) -> torch.Tensor:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = getattr(emb, "num_embeddings", None) or getattr(model.config, "vocab_size", 32)
+    emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    vocab = emb.num_embeddings if emb is not None else getattr(getattr(model, "config", None), "vocab_size", 32)
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab, (2, 7), generator=gen).to(device)
@@ -103,6 +103,12 @@ def _leaf_slices(result: TraceResult, shapes) -> tuple[dict[int, list[Slice]], s
     return slices, blocked
 
 
+def _heads_per_element(slices: list[Slice], root: list[int]) -> int:
+    """Query heads per element: q rows per element over k rows per element (GQA repeat)."""
+    widths = [slices[i].width for i in root]
+    return max(widths) // min(widths)
+
+
 def _build_groups(result: TraceResult, shapes, container: str | None) -> list[Group]:
     sp = result.spaces
     attention = set()
@@ -112,10 +118,6 @@ def _build_groups(result: TraceResult, shapes, container: str | None) -> list[Gr
     reduced = set()
     for a in result.reduced_atoms:
         reduced |= sp.descendants(a)
-    heads_per = {}
-    for h in result.head_atoms:
-        for leaf, base, _, _ in sp.layout(h):
-            heads_per.setdefault(leaf, len(base))
 
     slices, blocked = _leaf_slices(result, shapes)
     param_order = {n: i for i, n in enumerate(shapes)}
@@ -146,15 +148,14 @@ def _build_groups(result: TraceResult, shapes, container: str | None) -> list[Gr
         if kind == "hidden":
             name = "hidden"
         else:
-            name = _common_prefix([sls[i].param for i in root]) or f"group{len(groups)}"
-            if kind == "channels" and name == _common_prefix([s.param for s in sls]) and layer is not None:
-                name = name or f"layer{layer}"
+            name = _common_prefix([s.param for s in sls]) or f"group{len(groups)}"
         base_name, k = name, 1
         while name in used_names:
             name, k = f"{base_name}#{k}", k + 1
         used_names.add(name)
         groups.append(Group(name=name, kind=kind, layer=layer, size=size, slices=sls, root=root,
-                            heads_per_element=heads_per.get(leaf, 1) if kind == "heads" else 0,
+                            heads_per_element=_heads_per_element(sls, root) if kind == "heads" else 0,
+                            kv_heads_per_element=int(kind == "heads" and len(root) > 1),
                             normalized=leaf in reduced))
         groups[-1]._leaf = leaf  # type: ignore[attr-defined]
     return groups

@@ -53,7 +53,9 @@ class Group:
     ``root`` lists the indices of the slices that open the group (the output rows of
     q/k for attention, of gate/up for an MLP channel); the ``first`` aggregation uses
     only those.  ``heads_per_element`` is the number of query heads one element
-    removes (``rep`` under GQA, 1 under MHA) and is 0 for non-attention groups.
+    removes (``rep`` under GQA, 1 under MHA) and is 0 for non-attention groups;
+    ``kv_heads_per_element`` is 1 when an element owns its key/value head, 0 under multi-query
+    attention (one shared kv head, query heads are the elements).
     """
 
     name: str
@@ -63,6 +65,7 @@ class Group:
     slices: list[Slice]
     root: list[int] = field(default_factory=list)
     heads_per_element: int = 0
+    kv_heads_per_element: int = 0  # 1 when an element is a kv head; 0 for multi-query query heads
     normalized: bool = False  # a norm averages over this space (hidden dim): not exact to mask
 
     def params_per_element(self, shapes: dict[str, tuple[int, ...]]) -> int:

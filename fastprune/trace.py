@@ -304,7 +304,12 @@ class _Tracer(TorchDispatchMode):
         lead = out.dim() - x.dim()
         atoms = [self.sp.new(out.shape[k]) for k in range(lead)]
         for k in range(x.dim()):
-            atoms.append(a[k] if x.shape[k] == out.shape[lead + k] else self.sp.new(out.shape[lead + k]))
+            if x.shape[k] == out.shape[lead + k]:
+                atoms.append(a[k])
+            else:  # a broadcast copy count (e.g. query heads per kv head): may be a module attribute
+                atoms.append(self.sp.new(out.shape[lead + k]))
+                if isinstance(args[1][lead + k], int):
+                    self.view_literals.append((self.module_stack[-1], atoms[-1], out.shape[lead + k]))
         self.set(out, atoms, self.provenance(x))
 
     def op_slice(self, args, kwargs, out):
