@@ -1,0 +1,32 @@
+"""fastprune: structured pruning of Hugging Face causal LMs (the LLM-Pruner method) with compiled kernels.
+
+Quick start::
+
+    import fastprune
+    report = fastprune.prune(model, 0.2, tokenizer=tokenizer)   # in place
+    print(report.summary())
+"""
+
+from fastprune import ops
+from fastprune.apply import apply
+from fastprune.discover import discover
+from fastprune.errors import FastpruneError
+from fastprune.graph import Group, PruningGraph, Slice
+from fastprune.plan import Plan
+from fastprune.prune import prune
+from fastprune.report import PruneReport
+
+__version__ = "0.1.0"
+
+__all__ = ["FastpruneError", "Group", "Plan", "PruneReport", "PruningGraph", "Slice", "apply", "discover",
+           "ops", "prune", "score", "select"]
+
+
+def __getattr__(name: str):
+    if name == "score":
+        from fastprune.importance import score
+        return score
+    if name == "select":
+        from fastprune.select import select
+        return select
+    raise AttributeError(f"module 'fastprune' has no attribute {name!r}")

@@ -522,7 +522,7 @@ class _Tracer(TorchDispatchMode):
         x, shape, w, b = args[0], args[1], args[2], args[3]
         a = self.atoms(x)
         n = len(shape)
-        for k, p in enumerate((w, b)):
+        for p in (w, b):
             if p is not None:
                 pa = self.atoms(p)
                 for j in range(n):

@@ -1,0 +1,25 @@
+# Two entry points for a newcomer: `make demo` (prune the embedded SmolLM2 at 20 %) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-fast lint cuda-compile
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/fastprune prune --model smollm2 --ratio 0.2
+
+test: setup
+	$(MAKE) lint
+	bash scripts/compile_cuda.sh
+	FASTPRUNE_REQUIRE_EXT=1 $(PY) -m pytest -q
+
+test-fast:
+	$(PY) -m pytest -q -m "not slow"
+
+lint:
+	$(VENV)/bin/ruff check .
+
+cuda-compile:
+	bash scripts/compile_cuda.sh

@@ -1,0 +1,101 @@
+"""PruneReport: what a pruning run did, with time and memory per stage."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class StageStat:
+    """Wall time of one stage and the peak memory seen during it.
+
+    On CUDA the peak is ``torch.cuda.max_memory_allocated`` over the stage; on the CPU it is
+    the process's peak resident set size so far (it never goes down, so read it as a bound).
+    """
+
+    seconds: float
+    peak_bytes: int
+    device: str
+
+
+@dataclass
+class PruneReport:
+    """Parameters before/after, achieved ratio, per-layer widths and per-stage costs."""
+
+    params_before: int
+    params_after: int
+    ratio_target: float
+    widths_before: dict[int, dict[str, int]]
+    widths_after: dict[int, dict[str, int]]
+    hidden_before: int | None
+    hidden_after: int | None
+    layers_before: int
+    layers_after: int
+    stages: dict[str, StageStat] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    dry_run: bool = False
+
+    @property
+    def ratio_achieved(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ratio_achieved"] = self.ratio_achieved
+        return data
+
+    def summary(self) -> str:
+        """A short human-readable table."""
+        verb = "would remove" if self.dry_run else "removed"
+        lines = [f"parameters: {self.params_before:,} -> {self.params_after:,} "
+                 f"({verb} {self.ratio_achieved:.2%}, target {self.ratio_target:.2%})",
+                 f"layers: {self.layers_before} -> {self.layers_after}"]
+        if self.hidden_before is not None:
+            lines.append(f"hidden size: {self.hidden_before} -> {self.hidden_after}")
+        lines.append("layer  heads      kv heads   mlp channels")
+        for layer in sorted(self.widths_before):
+            b, a = self.widths_before[layer], self.widths_after.get(layer)
+            if a is None:
+                lines.append(f"{layer:>5}  removed")
+                continue
+            cells = [f"{b.get(k, '-')}->{a.get(k, '-')}" for k in ("heads", "kv_heads", "intermediate")]
+            lines.append(f"{layer:>5}  {cells[0]:<10} {cells[1]:<10} {cells[2]}")
+        for name, st in self.stages.items():
+            lines.append(f"stage {name:<12} {st.seconds:8.3f} s   peak {st.peak_bytes / 2**20:9.1f} MiB ({st.device})")
+        return "\n".join(lines)
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+@contextmanager
+def stage(stages: dict[str, StageStat], name: str, device: torch.device):
+    """Time a block and record its peak memory under ``stages[name]`` (accumulates)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if cuda:
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+        else:
+            peak = _peak_rss_bytes()
+        seconds = time.perf_counter() - start
+        prev = stages.get(name)
+        if prev is not None:
+            seconds += prev.seconds
+            peak = max(peak, prev.peak_bytes)
+        stages[name] = StageStat(seconds, peak, str(device))
