@@ -1,0 +1,1 @@
+"""Triton kernels for fastprune's ops (imported lazily; ``registry`` registers them)."""
