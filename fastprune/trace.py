@@ -343,6 +343,8 @@ class _Tracer(TorchDispatchMode):
         a = self.atoms(x)
         pieces = [self.sp.new(s) for s in sizes]
         self.sp.define(a[dim], "cat", pieces)
+        if isinstance(size, int):  # a split width held by the module (e.g. GPT-2's split_size)
+            self.view_literals.append((self.module_stack[-1], pieces[0], size))
         for t, p in zip(out, pieces):
             atoms = list(a)
             atoms[dim] = p

@@ -1,0 +1,424 @@
+"""Save pruned models as safetensors checkpoints that load with or without fastprune.
+
+A checkpoint is a Hugging Face model directory.  When every layer keeps the same widths the
+config alone describes the model and vanilla ``from_pretrained`` loads it.  Otherwise
+``config.json`` lists, under ``fastprune``, every tensor shape and integer module attribute that
+differs from the architecture its config describes, and names the copied
+``modeling_fastprune.py`` in ``auto_map`` so ``from_pretrained(..., trust_remote_code=True)``
+rebuilds them.  Writes go to a temporary sibling directory that replaces the target only once
+everything is on disk.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastprune.errors import FastpruneError
+from fastprune.plan import Plan
+from fastprune.remote import modeling_fastprune as remote
+from fastprune.report import PruneReport
+
+PLAN_FILE = "fastprune_plan.json"
+REPORT_FILE = "fastprune_report.json"
+MODELING_FILE = "modeling_fastprune.py"
+AUTO_MAP = {"AutoModelForCausalLM": "modeling_fastprune.FastpruneForCausalLM"}
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+
+def save_pruned(model: torch.nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None,
+                plan: Plan | Sequence[Plan] | None = None, report: PruneReport | None = None,
+                base_model: str | None = None, evaluation: Mapping[str, Any] | None = None,
+                max_shard_size: int | str = "2GB") -> Path:
+    """Write ``model`` (a pruned Hugging Face model) to ``directory`` as a checkpoint, atomically.
+
+    Weights go to safetensors (sharded above ``max_shard_size``), next to ``config.json``, the
+    tokenizer, the plan(s) (``fastprune_plan.json``; taken from ``report`` when not given), the
+    report (``fastprune_report.json``) and a model card.  ``evaluation`` (metric -> value, or
+    ``report.settings["evaluation"]``) goes into the card.  An existing checkpoint at ``directory``
+    is replaced only once the new one is complete.
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise FastpruneError(f"save_pruned needs a Hugging Face PreTrainedModel, got {type(model).__name__}")
+    _check_config(model.config)
+    target = Path(directory).expanduser().absolute()
+    _check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    plans = _plans(plan, report)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        vanilla = _write_config(model, tmp)
+        if not vanilla:
+            shutil.copyfile(Path(remote.__file__), tmp / MODELING_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if plans:
+            text = plans[0].to_json() if len(plans) == 1 else json.dumps([json.loads(p.to_json()) for p in plans],
+                                                                        indent=1)
+            (tmp / PLAN_FILE).write_text(text)
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(json.dumps(_json_safe(report.to_dict()), indent=1))
+        if evaluation is None and report is not None:
+            evaluation = report.settings.get("evaluation")
+        card = _model_card(model, report, plans, base_model, evaluation, vanilla, target.name)
+        (tmp / "README.md").write_text(card)
+        _fsync_tree(tmp)
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_plans(directory: str | os.PathLike) -> list[Plan]:
+    """The plan(s) stored in a checkpoint, in the order they were applied (empty if none)."""
+    path = Path(directory) / PLAN_FILE
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    items = data if isinstance(data, list) else [data]
+    return [Plan.from_json(json.dumps(item)) for item in items]
+
+
+def _check_config(config: Any) -> None:
+    """Refuse a config that transformers itself would refuse to save or load."""
+    validate = getattr(config, "validate", None)
+    if validate is None:
+        return
+    try:
+        validate()
+    except Exception as exc:  # transformers' strict-dataclass validation error wraps the cause
+        cause = exc.__cause__ or exc
+        raise FastpruneError(f"transformers cannot save or load this pruned config: {cause}. Keep the pruned "
+                             "widths expressible (e.g. a hidden size that is a multiple of the head count)") from exc
+
+
+def _check_replaceable(target: Path) -> None:
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FastpruneError(f"{target} exists and is not a directory")
+    if any(target.iterdir()) and not (target / "config.json").exists():
+        raise FastpruneError(f"{target} is a non-empty directory that holds no checkpoint (no config.json); "
+                             "refusing to replace it")
+
+
+def _plans(plan: Plan | Sequence[Plan] | None, report: PruneReport | None) -> list[Plan]:
+    if isinstance(plan, Plan):
+        return [plan]
+    if plan is not None:
+        return list(plan)
+    if report is not None:
+        return [Plan.from_json(p) for p in report.settings.get("plans", [])]
+    return []
+
+
+def _write_config(model: torch.nn.Module, directory: Path) -> bool:
+    """Rewrite the saved config.json for the checkpoint; True when it needs no remote code."""
+    from transformers import AutoConfig
+
+    path = directory / "config.json"
+    data = json.loads(path.read_text())
+    for key in ("auto_map", remote.SPEC_KEY):
+        data.pop(key, None)
+    base = getattr(type(model), "_fastprune_base", type(model))
+    data["architectures"] = [base.__name__]
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        reference = base._from_config(config)
+    spec = _pruned_spec(model, reference)
+    # shapes decide: when every tensor matches, the config describes the model, and the module
+    # attributes it builds are the right ones (pruning can leave unused stale ones, e.g. hidden_size)
+    if spec["tensors"]:
+        data[remote.SPEC_KEY] = spec
+        data["auto_map"] = AUTO_MAP
+    else:
+        data.pop("fastprune_layer_widths", None)  # every layer has the widths the config states
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    return remote.SPEC_KEY not in data
+
+
+def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    return tensors
+
+
+def _is_width(value: Any) -> bool:
+    if type(value) is int:
+        return True
+    return type(value) is tuple and bool(value) and all(type(v) is int for v in value)
+
+
+def _pruned_spec(model: torch.nn.Module, reference: torch.nn.Module) -> dict[str, dict]:
+    """What differs between ``model`` and ``reference`` (same architecture, built from the config).
+
+    ``tensors``: name -> shape of every parameter or buffer whose shape differs; ``attributes``:
+    module path -> {attribute: value} of every integer (or tuple of integers) module attribute
+    that differs.  Raises :class:`FastpruneError` when the module trees themselves differ.
+    """
+    mine, theirs = _named_tensors(model), _named_tensors(reference)
+    if mine.keys() != theirs.keys():
+        extra = sorted(mine.keys() - theirs.keys()) or sorted(theirs.keys() - mine.keys())
+        raise FastpruneError(f"the model's tensors do not match the architecture its config describes "
+                             f"(first difference: {extra[0]!r}); was a module added or removed by hand?")
+    tensors = {n: list(t.shape) for n, t in mine.items() if t.shape != theirs[n].shape}
+    ref_modules = dict(reference.named_modules())
+    attributes: dict[str, dict[str, Any]] = {}
+    for path, module in model.named_modules():
+        ref = ref_modules.get(path)
+        if ref is None:
+            raise FastpruneError(f"module {path!r} is not in the architecture the config describes")
+        for attr, value in vars(module).items():
+            if _is_width(value) and getattr(ref, attr, None) != value:
+                attributes.setdefault(path, {})[attr] = list(value) if isinstance(value, tuple) else value
+    return {"tensors": tensors, "attributes": attributes}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap_into_place(new: Path, target: Path) -> None:
+    """Put the complete directory ``new`` at ``target``, removing what was there."""
+    if not target.exists():
+        os.rename(new, target)
+    elif _exchange(new, target):
+        shutil.rmtree(new)  # ``new`` now holds the previous checkpoint
+    else:
+        # two renames: a crash between them leaves no checkpoint at ``target`` (never a half one);
+        # the previous one then survives as the hidden ``.<name>.old-*`` sibling
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.rename(target, old / "checkpoint")
+        os.rename(new, target)
+        shutil.rmtree(old)
+    _fsync_dir(target.parent)
+
+
+# ---------------------------------------------------------------------------------------------- model card
+
+
+def _layer_rows(model: torch.nn.Module, report: PruneReport | None) -> list[tuple[str, Any, Any, Any]]:
+    keys = ("heads", "kv_heads", "intermediate")
+    if report is not None and report.widths_after:
+        rows = []
+        for layer in sorted(report.widths_before, key=int):
+            w = report.widths_after.get(layer)
+            rows.append((str(layer), *(w.get(k, "-") for k in keys)) if w else (str(layer), "removed", "", ""))
+        return rows
+    config = model.config
+    per_layer = getattr(config, "fastprune_layer_widths", None)
+    if per_layer:
+        return [(str(i), *(per_layer[i].get(k, "-") for k in keys)) for i in sorted(per_layer, key=int)]
+    uniform = (getattr(config, "num_attention_heads", "-"), getattr(config, "num_key_value_heads", "-"),
+               getattr(config, "intermediate_size", "-"))
+    return [(str(i), *uniform) for i in range(getattr(config, "num_hidden_layers", 0))]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _model_card(model: torch.nn.Module, report: PruneReport | None, plans: list[Plan], base_model: str | None,
+                evaluation: Mapping[str, Any] | None, vanilla: bool, name: str) -> str:
+    config = model.config
+    base = base_model or getattr(config, "_name_or_path", "") or "unknown"
+    settings = dict(report.settings) if report is not None else {}
+    if not settings and plans:
+        settings = dict(plans[-1].settings)
+    front = ["---", "library_name: transformers", "tags: [fastprune, pruned, llm-pruner]"]
+    if base_model:
+        front.append(f"base_model: {base_model}")
+    lines = [*front, "---", "", f"# {name}", "",
+             f"`{base}` structurally pruned with fastprune (the LLM-Pruner method): "
+             "whole attention head groups, MLP channels, hidden channels or layers were removed, so the "
+             "model is smaller and faster with no sparse kernels.", "", "## Pruning", "",
+             "| | value |", "|---|---|", f"| base model | `{base}` |"]
+    params_after = sum(p.numel() for p in model.parameters())
+    if report is not None:
+        target = f" (target {report.ratio_target:.2%})" if math.isfinite(report.ratio_target) else ""
+        lines += [f"| parameters | {report.params_before:,} -> {params_after:,} |",
+                  f"| ratio | {report.ratio_achieved:.2%} removed{target} |",
+                  f"| layers | {report.layers_before} -> {report.layers_after} |"]
+        if report.hidden_before is not None:
+            lines.append(f"| hidden size | {report.hidden_before} -> {report.hidden_after} |")
+    else:
+        lines.append(f"| parameters | {params_after:,} |")
+    for key in ("criterion", "scope", "ranking", "aggregation", "steps", "round_to"):
+        if settings.get(key) is not None:
+            lines.append(f"| {key.replace('_', ' ')} | {_fmt(settings[key])} |")
+    calib = [f"{k.replace('_', ' ')} {_fmt(settings[k])}" for k in ("calib", "n_samples", "seq_len", "seed")
+             if settings.get(k) is not None]
+    if calib:
+        lines.append(f"| calibration | {', '.join(calib)} |")
+    lines += ["", "## Per-layer widths", "", "| layer | query heads | kv heads | MLP channels |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(str(c) for c in row)} |" for row in _layer_rows(model, report)]
+    if evaluation:
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in evaluation.items()]
+    lines += ["", "## How to load", "", "```python"]
+    if vanilla:
+        lines += ["# every layer has the same widths: plain transformers loads it",
+                  "from transformers import AutoModelForCausalLM",
+                  "model = AutoModelForCausalLM.from_pretrained(path)"]
+    else:
+        lines += ["# layers have different widths: modeling_fastprune.py rebuilds them (needs only transformers)",
+                  "from transformers import AutoModelForCausalLM",
+                  "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"]
+    lines += ["", "# or, with fastprune installed", "import fastprune",
+              "model, tokenizer = fastprune.load_pruned(path)", "```", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def load_pruned(directory: str | os.PathLike, dtype: torch.dtype | None = None,
+                device: str | torch.device | None = None) -> tuple[torch.nn.Module, Any]:
+    """Load a checkpoint written by :func:`save_pruned`: ``(model, tokenizer or None)``.
+
+    The architecture is built with empty weights, given the pruned shapes and filled from the
+    safetensors files after every tensor name and shape has been checked.  ``dtype`` converts
+    floating-point weights (default: as stored); ``device`` is where they are loaded (default CPU).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    root = Path(directory)
+    if not (root / "config.json").is_file():
+        raise FastpruneError(f"{root} is not a checkpoint directory (no config.json)")
+    config = AutoConfig.from_pretrained(root)
+    base = remote.base_class(config)
+    cls = remote.pruned_class(base) if getattr(config, remote.SPEC_KEY, None) else base
+    files = _weight_files(root)
+    stored = {name: _header(path) for name, path in files.items()}
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(config, dtype=dtype or config.dtype)
+    model.tie_weights()  # empty-weight init registers tied parameters separately
+    _check_tensors(model, {k: v for shapes in stored.values() for k, v in shapes.items()})
+    device = torch.device(device or "cpu")
+    from safetensors import safe_open
+
+    for path in files.values():
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if dtype is not None:
+            tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    empty = [n for n, t in _named_tensors(model).items() if t.is_meta]
+    if empty:
+        raise FastpruneError(f"tensor {empty[0]!r} was not filled from the checkpoint")
+    model.to(device).eval()
+    tokenizer = None
+    if (root / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(root)
+    return model, tokenizer
+
+
+def _weight_files(root: Path) -> dict[str, Path]:
+    """Shard file name -> path, from the index when the weights are sharded."""
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise FastpruneError(f"{index} is corrupted: {exc!r}") from exc
+    elif (root / "model.safetensors").is_file():
+        names = ["model.safetensors"]
+    else:
+        raise FastpruneError(f"{root} holds no safetensors weights (model.safetensors or its index)")
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise FastpruneError(f"weight file {missing[0]} listed in the index is missing from {root}")
+    return {n: root / n for n in names}
+
+
+def _header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header, or a clear error for an unreadable file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise FastpruneError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+
+
+def _check_tensors(model: torch.nn.Module, stored: dict[str, tuple[int, ...]]) -> None:
+    """Every model tensor once in the checkpoint (tied tensors: under any of their names), same shapes."""
+    aliases: dict[int, list[str]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(tensor), []).append(name)
+        shapes[name] = tuple(tensor.shape)
+    for names in aliases.values():
+        if not any(n in stored for n in names):
+            raise FastpruneError(f"tensor {names[0]!r} (shape {list(shapes[names[0]])}) is missing from the "
+                                 "checkpoint")
+    for name, shape in stored.items():
+        if name not in shapes:
+            raise FastpruneError(f"the checkpoint has tensor {name!r} (shape {list(shape)}), which the model "
+                                 "built from config.json does not have")
+        if shape != shapes[name]:
+            raise FastpruneError(f"tensor {name!r} has shape {list(shape)} in the checkpoint, but the model built "
+                                 f"from config.json expects {list(shapes[name])}")

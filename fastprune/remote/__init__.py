@@ -1,0 +1,1 @@
+"""Files copied into saved checkpoints (see :mod:`fastprune.io`)."""
