@@ -84,7 +84,7 @@ def _load_extensions() -> None:
         warnings.warn(f"fastprune's compiled extension is not available ({exc}); "
                       "using the PyTorch reference kernels", RuntimeWarning, stacklevel=3)
     try:
-        import kernels.registry  # noqa: F401  (Triton kernels; registers on import)
+        import fastprune.kernels.registry  # noqa: F401  (Triton kernels; registers on import)
     except ImportError:
         pass
 

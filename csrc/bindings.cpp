@@ -1,0 +1,25 @@
+// Python module fastprune._native._C: plain functions; fastprune/_native registers them as backends.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using release_gil = py::call_guard<py::gil_scoped_release>;
+  m.doc() = "fastprune's compiled kernels (C++ for the CPU, CUDA when built with it)";
+  m.def("taylor_accumulate_cpu", &fastprune::taylor_accumulate_cpu, release_gil(),
+        "Fused Taylor partial sums of w*g into rows/cols (CPU)", py::arg("weight"), py::arg("grad"),
+        py::arg("rows"), py::arg("cols"), py::arg("row_block") = 1, py::arg("col_block") = 1);
+  m.def("gather_cpu", &fastprune::gather_cpu, release_gil(), "Compaction copy along dim (CPU)",
+        py::arg("src"), py::arg("dim"), py::arg("index"));
+#ifdef FASTPRUNE_WITH_CUDA
+  m.def("taylor_accumulate_cuda", &fastprune::taylor_accumulate_cuda, release_gil(),
+        "Fused Taylor partial sums of w*g into rows/cols (CUDA)", py::arg("weight"), py::arg("grad"),
+        py::arg("rows"), py::arg("cols"), py::arg("row_block") = 1, py::arg("col_block") = 1);
+  m.def("gather_cuda", &fastprune::gather_cuda, release_gil(), "Compaction copy along dim (CUDA)",
+        py::arg("src"), py::arg("dim"), py::arg("index"));
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}
