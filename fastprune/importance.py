@@ -1,0 +1,407 @@
+"""Importance scores of every group element: LLM-Pruner's criteria, computed by streaming.
+
+``score`` returns :class:`Scores`: per group an fp32 tensor ``(n_slices, size)`` holding each
+slice's score of each element, so the slice aggregation (:func:`aggregate`) can change
+without recomputing, plus one score per layer for layer-wise pruning.
+
+Criteria (``w`` a weight, ``g`` the gradient of the calibration loss, sums over the slice):
+
+- ``random``: seeded uniform noise; ``l1``: sum |w|; ``l2``: sum w^2 (no gradients).
+- ``element1``: sum |w*g|, ``g`` from one backward pass over the whole calibration batch.
+- ``element2``: sum w^2 * F with the Fisher diagonal F = mean over samples of g_s^2 (g_s the
+  gradient of sample s alone, one backward pass per sample; the mean as in LLM-Pruner).
+  It is linear in F, so each pass adds sum (w*g_s)^2 into row/column partials: no
+  parameter-sized buffer is ever kept.
+- ``mix``: element1 - 0.5 * element2, each summed over the slice separately.  LLM-Pruner
+  takes sum |w*g - 0.5 * w^2 * F| per weight; that needs F per weight, which streaming never
+  stores, so the difference is taken after the sums (a lower bound of LLM-Pruner's value).
+- ``vectorwise``: |sum w*g| over the slice's whole width (a head's head_dim rows together).
+
+Streaming: a post-accumulate-grad hook on every parameter that needs scoring reduces its
+gradient through :func:`fastprune.ops.taylor_accumulate_` into fp32 row/column partials and
+sets ``param.grad = None``, so at most one gradient is alive at any time.  element1 and the
+element1 half of mix take an absolute value per weight, which does not add up across
+micro-batches: with ``batch_size`` smaller than the batch, gradients accumulate over the
+micro-batches (all of them alive, as in plain training) and are reduced on the last one.
+vectorwise is linear in ``g`` and streams every micro-batch.
+
+Layer scores (layer-wise pruning): per layer, the criterion summed over every weight of every
+parameter in that layer (vectorwise: |sum w*g| per parameter, summed over the parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fastprune.errors import FastpruneError
+from fastprune.graph import Group, PruningGraph
+from fastprune.ops import taylor_accumulate_
+
+CRITERIA = ("random", "l1", "l2", "element1", "element2", "mix", "vectorwise")
+AGGREGATIONS = ("sum", "mean", "max", "prod", "first")
+GRADIENT_FREE = ("random", "l1", "l2")
+_FORMAT = "fastprune-scores-1"
+
+
+@dataclass
+class Scores:
+    """Per group ``(n_slices, size)`` fp32 element scores and per layer fp32 scores."""
+
+    groups: dict[str, torch.Tensor]
+    layer_scores: torch.Tensor
+    criterion: str
+    fingerprint: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the scores to a safetensors file (metadata as JSON, no pickle)."""
+        from safetensors.torch import save_file
+
+        tensors = {f"group:{name}": t.detach().float().contiguous().cpu() for name, t in self.groups.items()}
+        tensors["layer_scores"] = self.layer_scores.detach().float().contiguous().cpu()
+        meta = {"format": _FORMAT, "criterion": self.criterion, "fingerprint": self.fingerprint,
+                "settings": json.dumps(self.settings, sort_keys=True)}
+        save_file(tensors, os.fspath(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Scores:
+        """Read scores written by :meth:`save`."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(os.fspath(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error type for a damaged file
+            raise FastpruneError(f"cannot read scores from {os.fspath(path)!r}: {exc}") from exc
+        if meta.get("format") != _FORMAT or "layer_scores" not in tensors:
+            raise FastpruneError(f"{os.fspath(path)!r} is not a fastprune scores file")
+        groups = {k[len("group:"):]: v for k, v in tensors.items() if k.startswith("group:")}
+        return cls(groups=groups, layer_scores=tensors["layer_scores"], criterion=meta["criterion"],
+                   fingerprint=meta["fingerprint"], settings=json.loads(meta["settings"]))
+
+
+# ---------------------------------------------------------------- partials
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    return t.view(t.shape[0], -1) if t.dim() != 1 else t.view(-1, 1)
+
+
+def _blocks(graph: PruningGraph, names: list[str]) -> dict[str, tuple[int, int]]:
+    """Row/column block per parameter: the widest block every slice on that dim is made of.
+
+    A slice whose elements are aligned contiguous runs (a head's head_dim rows) lets the
+    kernel sum the run itself; a dimension no slice touches is reduced to one number.
+    """
+    on_dim: dict[tuple[str, int], list] = {}
+    for g in graph.groups:
+        for sl in g.slices:
+            on_dim.setdefault((sl.param, sl.dim), []).append(sl)
+    out = {}
+    for name in names:
+        shape = graph.param_shapes[name]
+        extent = (shape[0], math.prod(shape[1:])) if len(shape) != 1 else (shape[0], 1)
+        blocks = []
+        for d in (0, 1):
+            slices = on_dim.get((name, d))
+            if not slices:
+                blocks.append(extent[d])
+                continue
+            b = extent[d]
+            for sl in slices:
+                contiguous = all(y == x + 1 for x, y in zip(sl.base, sl.base[1:]))
+                if not contiguous or sl.stride < sl.width:
+                    b = 1
+                    break
+                b = math.gcd(b, sl.width, sl.base[0], sl.stride)
+            blocks.append(b)
+        out[name] = (blocks[0], blocks[1])
+    return out
+
+
+class _Partials:
+    """fp32 (3, rows/block) and (3, cols/block) accumulators per parameter."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], blocks: dict[str, tuple[int, int]]):
+        self.blocks = blocks
+        self.rows: dict[str, torch.Tensor] = {}
+        self.cols: dict[str, torch.Tensor] = {}
+        for name, p in params.items():
+            r, c = _as_2d(p).shape
+            rb, cb = blocks[name]
+            self.rows[name] = torch.zeros(3, r // rb, dtype=torch.float32, device=p.device)
+            self.cols[name] = torch.zeros(3, c // cb, dtype=torch.float32, device=p.device)
+
+    def add(self, name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        rb, cb = self.blocks[name]
+        taylor_accumulate_(_as_2d(weight), _as_2d(grad), self.rows[name], self.cols[name], rb, cb)
+
+    def along(self, name: str, dim: int) -> torch.Tensor:
+        return self.rows[name] if dim == 0 else self.cols[name]
+
+
+class _Stream:
+    """Post-accumulate-grad hooks that reduce each gradient into partials and free it."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]):
+        self.params = params
+        self.target: _Partials | None = None  # None: let gradients accumulate (not the last micro-batch)
+        self.seen: set[str] = set()
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook(name)) for name, p in params.items()]
+
+    def _hook(self, name: str):
+        def hook(p: torch.Tensor) -> None:
+            if self.target is None:
+                return
+            if name in self.seen:
+                raise RuntimeError(f"the gradient of {name} arrived in several parts in one backward pass "
+                                   "(reentrant checkpointing?); Taylor scores need it whole")
+            self.seen.add(name)
+            self.target.add(name, p.detach(), p.grad)
+            p.grad = None
+
+        return hook
+
+    def backward(self, loss: torch.Tensor, target: _Partials | None) -> None:
+        self.target, self.seen = target, set()
+        loss.backward()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy of ``ids`` (labels = inputs), in fp32."""
+    kwargs = {"use_cache": False} if hasattr(model, "config") else {}
+    out = model(input_ids=ids, **kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def _scored_params(model: torch.nn.Module, graph: PruningGraph) -> dict[str, torch.nn.Parameter]:
+    """Every parameter a slice references or a layer holds, in model order."""
+    wanted = {sl.param for g in graph.groups for sl in g.slices}
+    wanted |= {n for n in graph.param_shapes if _layer(n, graph) is not None}
+    return {n: p for n, p in model.named_parameters() if n in wanted}
+
+
+def _layer(name: str, graph: PruningGraph) -> int | None:
+    if graph.layer_container is None:
+        return None
+    head = name[len(graph.layer_container) + 1:].split(".", 1)[0]
+    if not name.startswith(graph.layer_container + ".") or not head.isdigit():
+        return None
+    return int(head)
+
+
+def _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress):
+    """Run the backward passes ``criterion`` needs; return (first-order, second-order) partials."""
+    from tqdm.auto import tqdm
+
+    n = calib.shape[0]
+    first = _Partials(params, blocks) if criterion in ("element1", "mix", "vectorwise") else None
+    second = _Partials(params, blocks) if criterion in ("element2", "mix") else None
+    batch = n if batch_size is None else max(1, min(batch_size, n))
+    chunks = [calib[i:i + batch] for i in range(0, n, batch)] if first is not None else []
+    passes = len(chunks) + (n if second is not None else 0)
+    linear = criterion == "vectorwise"
+    stream = _Stream(params)
+    try:
+        with tqdm(total=passes, desc=f"scoring ({criterion})", disable=not progress) as bar:
+            for i, chunk in enumerate(chunks):
+                loss = _lm_loss(model, chunk) * (chunk.shape[0] / n)
+                last = i == len(chunks) - 1
+                stream.backward(loss, first if (last or linear) else None)
+                bar.update()
+            if second is not None:
+                for s in range(n):
+                    stream.backward(_lm_loss(model, calib[s:s + 1]), second)
+                    bar.update()
+        if second is not None:
+            for acc in (second.rows, second.cols):
+                for t in acc.values():
+                    t /= n
+    finally:
+        stream.remove()
+    return first, second
+
+
+def _magnitude_partials(params, blocks) -> _Partials:
+    """Partials of |w| and w^2 (the op with a gradient of ones, broadcast without a copy)."""
+    acc = _Partials(params, blocks)
+    with torch.no_grad():
+        for name, p in params.items():
+            w = _as_2d(p.detach())
+            acc.add(name, w, torch.ones((1, 1), dtype=w.dtype, device=w.device).expand(w.shape))
+    return acc
+
+
+def _combine(criterion: str, first: _Partials | None, second: _Partials | None, name: str, dim: int,
+             index: torch.Tensor | slice) -> torch.Tensor:
+    """The criterion's value from partials ``[..., index]`` along ``dim`` (summed over the last axis)."""
+    def take(acc: _Partials, ch: int) -> torch.Tensor:
+        v = acc.along(name, dim)[ch]
+        return v[index].sum(-1)
+
+    if criterion in ("element1", "l1"):
+        return take(first, 0)
+    if criterion == "l2":
+        return take(first, 2)
+    if criterion == "vectorwise":
+        return take(first, 1).abs()
+    if criterion == "element2":
+        return take(second, 2)
+    return take(first, 0) - 0.5 * take(second, 2)  # mix
+
+
+def _slice_index(sl, size: int, block: int) -> torch.Tensor:
+    """(size, width // block) indices into the block partials of ``sl``'s dimension."""
+    idx = sl.indices(range(size)).view(size, sl.width)
+    return idx[:, ::block] // block if block > 1 else idx
+
+
+def _group_scores(group: Group, criterion, first, second, blocks) -> torch.Tensor:
+    rows = []
+    for sl in group.slices:
+        acc = first if first is not None else second
+        idx = _slice_index(sl, group.size, blocks[sl.param][sl.dim]).to(acc.rows[sl.param].device)
+        rows.append(_combine(criterion, first, second, sl.param, sl.dim, idx))
+    return torch.stack(rows).float().cpu()
+
+
+def _layer_scores(graph, params, criterion, first, second) -> torch.Tensor:
+    out = torch.zeros(graph.num_layers, dtype=torch.float64)
+    for name in params:
+        layer = _layer(name, graph)
+        if layer is not None and layer < graph.num_layers:
+            out[layer] += float(_combine(criterion, first, second, name, 0, slice(None)))
+    return out.float()
+
+
+def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | None = None,
+          criterion: str = "element1", *, batch_size: int | None = None, seed: int = 0,
+          gradient_checkpointing: bool = False, progress: bool = True) -> Scores:
+    """Score every element of every group of ``graph`` with ``criterion``.
+
+    ``calib`` is an ``(n, seq_len)`` LongTensor of token ids (the loss is the causal LM loss
+    with labels = inputs); gradient-free criteria need none.  ``batch_size`` splits the
+    first-order backward pass into micro-batches (see the module notes).  The model's
+    parameters, gradients, ``requires_grad`` flags and train/eval mode are left as they were.
+    """
+    if criterion not in CRITERIA:
+        raise FastpruneError(f"unknown criterion {criterion!r}; choose one of {CRITERIA}")
+    if batch_size is not None and batch_size < 1:
+        raise FastpruneError(f"batch_size must be at least 1, got {batch_size}")
+    params = _scored_params(model, graph)
+    missing = {sl.param for g in graph.groups for sl in g.slices} - set(params)
+    if missing:
+        raise FastpruneError(f"the graph names parameters this model does not have: {sorted(missing)[:4]}")
+    for g in graph.groups:
+        for sl in g.slices:
+            if sl.dim > 1 or (sl.dim == 1 and len(graph.param_shapes[sl.param]) != 2):
+                raise FastpruneError(f"cannot score {sl.param} along dim {sl.dim}: only rows of any "
+                                     "parameter and columns of 2-D ones are supported")
+    settings: dict[str, Any] = {"seed": seed}
+    if criterion == "random":
+        gen = torch.Generator().manual_seed(seed)
+        groups = {g.name: torch.rand(len(g.slices), g.size, generator=gen) for g in graph.groups}
+        layer_scores = torch.rand(graph.num_layers, generator=gen)
+        return Scores(groups, layer_scores, criterion, graph.fingerprint, settings)
+    blocks = _blocks(graph, list(params))
+    if criterion in GRADIENT_FREE:
+        first, second = _magnitude_partials(params, blocks), None
+    else:
+        calib = _check_calib(calib, model)
+        settings.update(n_samples=calib.shape[0], seq_len=calib.shape[1], batch_size=batch_size,
+                        gradient_checkpointing=gradient_checkpointing)
+        with _scoring_state(model, params, gradient_checkpointing), torch.enable_grad():
+            first, second = _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress)
+    groups = {g.name: _group_scores(g, criterion, first, second, blocks) for g in graph.groups}
+    layer_scores = _layer_scores(graph, params, criterion, first, second)
+    return Scores(groups, layer_scores, criterion, graph.fingerprint, settings)
+
+
+def _check_calib(calib, model) -> torch.Tensor:
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
+        raise FastpruneError("gradient criteria need calib: an (n, seq_len) LongTensor of token ids, got "
+                             f"{type(calib).__name__}"
+                             + (f" {calib.dtype} {tuple(calib.shape)}" if isinstance(calib, torch.Tensor) else ""))
+    if calib.shape[0] < 1 or calib.shape[1] < 2:
+        raise FastpruneError(f"calib needs at least one sample of two tokens, got shape {tuple(calib.shape)}")
+    return calib.to(next(model.parameters()).device)
+
+
+@contextmanager
+def _scoring_state(model: torch.nn.Module, params: dict, checkpointing: bool):
+    """Only scored parameters require grad and no old gradient mixes in; all restored on exit."""
+    training = model.training
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    was_checkpointing = bool(getattr(model, "is_activation_checkpointing", False))
+    try:
+        for n, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(n in params)
+        if checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            elif hasattr(model, "gradient_checkpointing_enable"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                raise FastpruneError(f"{type(model).__name__} cannot checkpoint activations")
+            model.train()  # Hugging Face models checkpoint only in training mode
+        else:
+            model.eval()
+        yield
+    finally:
+        if checkpointing and not was_checkpointing:
+            for name in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
+                if hasattr(model, name):
+                    getattr(model, name)()
+                    break
+        model.train(training)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = grads[n]
+
+
+# ---------------------------------------------------------------- aggregation
+
+def aggregate(scores: Scores, graph: PruningGraph, how: str = "sum") -> dict[str, torch.Tensor]:
+    """One float64 score per element of every scored group, reducing over its slices.
+
+    ``first`` sums the group's root slices only (the projections that open it).  ``prod``
+    multiplies the slices' scores; it is computed in float64 because a product of many small
+    fp32 scores underflows to zero (then every element ties), and with signed scores (mix)
+    its sign flips with the number of negative factors: prefer ``sum``.
+    """
+    if how not in AGGREGATIONS:
+        raise FastpruneError(f"unknown aggregation {how!r}; choose one of {AGGREGATIONS}")
+    out = {}
+    for g in graph.groups:
+        if g.name not in scores.groups:
+            continue
+        s = scores.groups[g.name].double()
+        if s.shape != (len(g.slices), g.size):
+            raise FastpruneError(f"scores of {g.name!r} have shape {tuple(s.shape)}, the graph expects "
+                                 f"{(len(g.slices), g.size)}")
+        if how == "sum":
+            out[g.name] = s.sum(0)
+        elif how == "mean":
+            out[g.name] = s.mean(0)
+        elif how == "max":
+            out[g.name] = s.max(0).values
+        elif how == "prod":
+            out[g.name] = s.prod(0)
+        else:
+            out[g.name] = s[list(g.root) or list(range(len(g.slices)))].sum(0)
+    return out
