@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -67,6 +68,9 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
     if dry_run and steps != 1:
         raise FastpruneError("dry_run previews one step; use steps=1")
     device = next(model.parameters()).device
+    heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    if scope == "channel" and isinstance(heads, int) and heads > 0:
+        round_to = math.lcm(round_to, heads)  # configs require hidden_size % num_attention_heads == 0
     stages: dict[str, StageStat] = {}
     with stage(stages, "discovery", device):
         graph = discover(model)
@@ -88,7 +92,9 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
                     step_scores = score(model, graph, tokens, criterion=criterion, seed=seed + step - 1,
                                         progress=progress)
             target = None
-            if ratio is not None:  # the cumulative target, as a fraction of the current model
+            if ratio is not None and steps == 1:
+                target = ratio
+            elif ratio is not None:  # the cumulative target, as a fraction of the current model
                 remaining = params_before * (1 - ratio * step / steps)
                 target = max(0.0, 1 - remaining / graph.total_params)
             step_group_ratio = None if group_ratio is None else 1 - (1 - group_ratio) ** (1 / steps)

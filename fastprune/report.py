@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -16,12 +18,14 @@ import torch
 class StageStat:
     """Wall time of one stage and the peak memory seen during it.
 
-    On CUDA the peak is ``torch.cuda.max_memory_allocated`` over the stage; on the CPU it is
-    the process's peak resident set size so far (it never goes down, so read it as a bound).
+    On CUDA ``peak_bytes`` is ``torch.cuda.max_memory_allocated`` over the stage; on the CPU
+    it is the peak resident set size of the process, sampled every few milliseconds.
+    ``extra_bytes`` is that peak minus the memory in use when the stage started.
     """
 
     seconds: float
     peak_bytes: int
+    extra_bytes: int
     device: str
 
 
@@ -68,13 +72,35 @@ class PruneReport:
             cells = [f"{b.get(k, '-')}->{a.get(k, '-')}" for k in ("heads", "kv_heads", "intermediate")]
             lines.append(f"{layer:>5}  {cells[0]:<10} {cells[1]:<10} {cells[2]}")
         for name, st in self.stages.items():
-            lines.append(f"stage {name:<12} {st.seconds:8.3f} s   peak {st.peak_bytes / 2**20:9.1f} MiB ({st.device})")
+            lines.append(f"stage {name:<12} {st.seconds:8.3f} s   peak {st.peak_bytes / 2**20:9.1f} MiB"
+                         f"  (+{st.extra_bytes / 2**20:.1f} MiB during the stage, {st.device})")
         return "\n".join(lines)
 
 
-def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # not Linux: fall back to the lifetime peak
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+class _RssSampler(threading.Thread):
+    """Samples the process's resident set size until stopped; keeps the maximum."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.peak, self._stop_event = interval, _rss_bytes(), threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, _rss_bytes())
 
 
 @contextmanager
@@ -84,6 +110,11 @@ def stage(stages: dict[str, StageStat], name: str, device: torch.device):
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        start_bytes = torch.cuda.memory_allocated(device)
+    else:
+        start_bytes = _rss_bytes()
+        sampler = _RssSampler()
+        sampler.start()
     start = time.perf_counter()
     try:
         yield
@@ -92,10 +123,11 @@ def stage(stages: dict[str, StageStat], name: str, device: torch.device):
             torch.cuda.synchronize(device)
             peak = torch.cuda.max_memory_allocated(device)
         else:
-            peak = _peak_rss_bytes()
+            peak = sampler.stop()
         seconds = time.perf_counter() - start
+        extra = max(0, peak - start_bytes)
         prev = stages.get(name)
         if prev is not None:
             seconds += prev.seconds
-            peak = max(peak, prev.peak_bytes)
-        stages[name] = StageStat(seconds, peak, str(device))
+            peak, extra = max(peak, prev.peak_bytes), max(extra, prev.extra_bytes)
+        stages[name] = StageStat(seconds, peak, extra, str(device))
