@@ -114,17 +114,31 @@ class PruningGraph:
             total += n
         return total
 
-    def __str__(self) -> str:
+    def describe(self, max_slices: int = 8) -> str:
+        """A readable summary: one line per group with its size and attached slices."""
         lines = [f"PruningGraph: {len(self.groups)} groups, {self.num_layers} removable layers"
                  f" in {self.layer_container!r}, {self.total_params:,} parameters"]
-        for g in self.groups:
-            where = "all layers" if g.layer is None else f"layer {g.layer}"
-            per = g.params_per_element(self.param_shapes)
-            lines.append(f"  {g.name:<28} {g.kind:<9} {where:<10} {g.size:>6} elements x {per:,} params")
-            for i, sl in enumerate(g.slices):
-                mark = "*" if i in g.root else " "
-                lines.append(f"    {mark} {sl.param} dim {sl.dim} [{sl.role}] width {sl.width}"
-                             f" stride {sl.stride} offset {sl.base[0] if sl.base else 0}")
+        for kind in GROUP_KINDS:
+            groups = self.groups_of(kind)
+            if not groups:
+                continue
+            lines.append(f"{kind} ({len(groups)} groups):")
+            for g in groups:
+                where = "all layers" if g.layer is None else f"layer {g.layer}"
+                unit = f" ({g.heads_per_element} query heads each)" if kind == "heads" else ""
+                lines.append(f"  {g.name}  [{where}]  {g.size} elements{unit} x "
+                             f"{g.params_per_element(self.param_shapes):,} params")
+                shown = []
+                for i, sl in enumerate(g.slices[:max_slices]):
+                    name = sl.param[len(g.name) + 1:] if sl.param.startswith(g.name + ".") else sl.param
+                    offset = f"+{sl.base[0]}" if sl.base and sl.base[0] else ""
+                    shown.append(f"{'*' if i in g.root else ''}{name}[dim {sl.dim}{offset}, {sl.width}/el]")
+                more = f" ... +{len(g.slices) - max_slices} more" if len(g.slices) > max_slices else ""
+                lines.append("      " + ", ".join(shown) + more)
         for w in self.warnings:
-            lines.append(f"  warning: {w}")
+            lines.append(f"warning: {w}")
+        lines.append("(* marks root slices, used by the 'first' aggregation)")
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.describe()
