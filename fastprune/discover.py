@@ -93,13 +93,21 @@ def _leaf_slices(result: TraceResult, shapes) -> tuple[dict[int, list[Slice]], s
             if shapes[name][dim] <= 1:
                 continue
             role = result.param_roles.get((name, dim), "other")
-            for leaf, base, stride, blk in sp.layout(atom):
-                if blk:
+            for leaf, base, stride, blk, inner in sp.layout(atom):
+                if blk or inner:
                     blocked.add(leaf)
-                contiguous = len(base) == 1 or bool(np.all(np.diff(base) == 1))
-                if not contiguous or stride < len(base):
+                size = sp.size[leaf]
+                if size * len(base) > 1 << 24:  # a huge non-prunable space (e.g. a fused vocab): skip
                     blocked.add(leaf)
-                slices[leaf].append(Slice(name, dim, tuple(int(i) for i in base), int(stride), role))
+                    continue
+                every = (np.arange(size)[:, None] * stride + base[None, :]).reshape(-1)
+                if len(np.unique(every)) != len(every):  # elements would overlap: not a removable unit
+                    blocked.add(leaf)
+                    continue
+                # one slice per contiguous run of the base (fused [q; k; v] rows give three runs)
+                cuts = np.flatnonzero(np.diff(base) != 1) + 1
+                for run in np.split(base, cuts):
+                    slices[leaf].append(Slice(name, dim, tuple(int(i) for i in run), int(stride), role))
     return slices, blocked
 
 
@@ -167,7 +175,7 @@ def _attribute_links(model, result: TraceResult, groups: list[Group], graph: Pru
     modules = dict(model.named_modules())
     links: dict[str, dict[str, tuple[str, int]]] = defaultdict(dict)
     for module_name, atom, literal in result.view_literals:
-        found = [(by_leaf[leaf], len(base)) for leaf, base, _, _ in sp.layout(atom) if leaf in by_leaf]
+        found = [(by_leaf[leaf], len(base)) for leaf, base, *_ in sp.layout(atom) if leaf in by_leaf]
         if len(found) != 1:
             continue
         group, per = found[0]

@@ -162,34 +162,39 @@ class Spaces:
 
     # ------------------------------------------------------------ layout
 
-    def layout(self, a: int) -> list[tuple[int, np.ndarray, int, bool]]:
-        """Leaves of atom ``a``: (leaf root, base indices of element 0, stride, blocked).
+    def layout(self, a: int) -> list[tuple[int, np.ndarray, int, bool, bool]]:
+        """Leaves of atom ``a``: (leaf root, base indices of element 0, stride, blocked, inner).
 
-        Element ``e`` of a leaf occupies ``base + e * stride`` in ``a``'s index space.
-        A leaf is blocked when it or any atom above it is blocked.
+        Element ``e`` of a leaf occupies ``base + e * stride`` in ``a``'s index space.  A leaf is
+        blocked when it or any atom above it is blocked.  It is *inner* when it sits in a product
+        after the first factor that is not wholly blocked (a head's ``head_dim``, or GQA's
+        query-per-kv-head repeat): removing one of its indices would cut through every element
+        of the leading factor.
         """
         r = self.find(a)
         d = self.defn.get(r)
         blocked_here = self.blocked[r]
         if d is None:
-            return [(r, np.zeros(1, dtype=np.int64), 1, blocked_here)]
+            return [(r, np.zeros(1, dtype=np.int64), 1, blocked_here, False)]
         kind, children = d
         sizes = self._sizes(children)
         out = []
         if kind == "prod":
-            for i, c in enumerate(children):
+            parts = [self.layout(c) for c in children]
+            lead = next((i for i, part in enumerate(parts) if not all(x[3] for x in part)), len(parts))
+            for i, part in enumerate(parts):
                 inner = math.prod(sizes[i + 1:])
                 outer = math.prod(sizes[:i])
                 span = sizes[i] * inner
-                for leaf, base, stride, blk in self.layout(c):
+                for leaf, base, stride, blk, inn in part:
                     new = (base[None, :, None] * inner + np.arange(inner)[None, None, :]
                            + (np.arange(outer) * span)[:, None, None]).reshape(-1)
-                    out.append((leaf, np.sort(new), stride * inner, blk or blocked_here))
+                    out.append((leaf, np.sort(new), stride * inner, blk or blocked_here, inn or i > lead))
         else:
             offset = 0
             for c, n in zip(children, sizes):
-                for leaf, base, stride, blk in self.layout(c):
-                    out.append((leaf, base + offset, stride, blk or blocked_here))
+                for leaf, base, stride, blk, inn in self.layout(c):
+                    out.append((leaf, base + offset, stride, blk or blocked_here, inn))
                 offset += n
         return out
 
