@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import defaultdict
 
@@ -10,6 +11,7 @@ import torch
 from fastprune import ops
 from fastprune.errors import FastpruneError
 from fastprune.graph import PruningGraph
+from fastprune.overrides import override_for
 from fastprune.plan import Plan
 
 
@@ -94,6 +96,10 @@ def apply(model: torch.nn.Module, plan: Plan, graph: PruningGraph | None = None)
             p.data = data  # the old storage is freed here: peak overhead is one matrix
             p.grad = None
     _update_module_attributes(model, plan, graph)
+    _adapt_attention_modules(model, plan, graph)
+    override = override_for(model)
+    if override is not None and override.adapt is not None:
+        override.adapt(model, plan, graph)
     _update_config(model, plan, graph)
     if removed_layers:
         _remove_layers(model, graph, sorted(removed_layers))
@@ -118,6 +124,45 @@ def _update_module_attributes(model: torch.nn.Module, plan: Plan, graph: Pruning
             mod.normalized_shape = tuple(mod.weight.shape)
         elif Conv1D and isinstance(mod, Conv1D):
             mod.nx, mod.nf = mod.weight.shape
+
+
+_HEAD_COUNT = re.compile(r"^(num_heads|num_attention_heads|n_heads?|num_q_heads)$")
+_KV_COUNT = re.compile(r"^(num_key_value_heads|num_kv_heads|n_kv_heads?)$")
+
+
+def _adapt_attention_modules(model: torch.nn.Module, plan: Plan, graph: PruningGraph) -> None:
+    """Keep an attention module's head counts in step with its kept heads.
+
+    Head-count attributes are updated by name; a module that reads head counts from a shared
+    config (Phi-3 slices its fused qkv by ``config.num_attention_heads``) gets a private copy of
+    the config with this layer's counts.
+    """
+    for g in graph.groups_of("heads"):
+        if g.name not in plan.keep or g.layer in plan.remove_layers:
+            continue
+        try:
+            attn = model.get_submodule(g.name)
+        except AttributeError:
+            continue
+        kept = len(plan.keep[g.name])
+        old_q, new_q = g.size * g.heads_per_element, kept * g.heads_per_element
+        counts = {"q": (old_q, new_q)}
+        if g.kv_heads_per_element:
+            counts["kv"] = (g.size * g.kv_heads_per_element, kept * g.kv_heads_per_element)
+        for attr, value in list(vars(attn).items()):
+            if type(value) is not int:
+                continue
+            for key, pattern in (("q", _HEAD_COUNT), ("kv", _KV_COUNT)):
+                if key in counts and pattern.match(attr) and value == counts[key][0]:
+                    setattr(attn, attr, counts[key][1])
+        config = getattr(attn, "config", None)
+        if config is not None and hasattr(config, "num_attention_heads"):
+            own = copy.copy(config)
+            if own.num_attention_heads == old_q:
+                own.num_attention_heads = new_q
+            if "kv" in counts and getattr(own, "num_key_value_heads", None) == counts["kv"][0]:
+                own.num_key_value_heads = counts["kv"][1]
+            attn.config = own
 
 
 def _update_config(model: torch.nn.Module, plan: Plan, graph: PruningGraph) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from fastprune.errors import FastpruneError
 from fastprune.graph import Group, PruningGraph, Slice
+from fastprune.overrides import override_for
 from fastprune.plan import model_fingerprint
 from fastprune.trace import TraceResult, trace_model
 
@@ -66,10 +67,13 @@ def _trace_input(model: torch.nn.Module) -> torch.Tensor:
 def discover(model: torch.nn.Module, input_ids: torch.Tensor | None = None) -> PruningGraph:
     """Trace one small forward pass of ``model`` and derive its coupled pruning groups."""
     container, num_layers = find_layer_container(model)
+    override = override_for(model)
     was_training = model.training
     model.eval()
     try:
-        result = trace_model(model, input_ids if input_ids is not None else _trace_input(model))
+        result = trace_model(model, input_ids if input_ids is not None else _trace_input(model),
+                             free_constants=bool(override and override.free_constants),
+                             couplings=override.couplings if override else ())
     finally:
         model.train(was_training)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}

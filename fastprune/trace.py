@@ -57,8 +57,10 @@ class TraceResult:
 
 
 class _Tracer(TorchDispatchMode):
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, free_constants: bool = False) -> None:
         super().__init__()
+        self.free_constants = free_constants
+        self.derived: set[int] = set()  # tensors computed from parameters (with free_constants)
         self.sp = Spaces()
         self.dims: dict[int, tuple[torch.Tensor, list[int]]] = {}
         self.prov: dict[int, frozenset[str]] = {}  # activation -> params whose outputs it carries
@@ -80,10 +82,13 @@ class _Tracer(TorchDispatchMode):
             self.param_atoms[name] = atoms
             self.dims[id(p)] = (p, atoms)
             self.pdims[id(p)] = [(name, d) for d in range(p.dim())]
+            self.derived.add(id(p))
 
     # ------------------------------------------------------------ helpers
 
     def atoms(self, t: torch.Tensor) -> list[int]:
+        if self.free_constants and id(t) not in self.derived:  # a constant: free, couples nothing
+            return [self.sp.new(s) for s in t.shape]
         entry = self.dims.get(id(t))
         if entry is None:  # a buffer, an input or a constant made outside the trace: fixed
             atoms = [self.sp.new(s, blocked=True) for s in t.shape]
@@ -142,6 +147,13 @@ class _Tracer(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.__name__.split(".")[0]
+        if self.free_constants:
+            inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            if not any(id(t) in self.derived for t in inputs):
+                return out  # computed from constants only (masks, ALiBi slopes): no coupling
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.derived.add(id(t))
         try:
             self.rule(func, name, args, kwargs, out)
         except Exception as exc:  # a rule that cannot relate shapes: block, never guess
@@ -165,7 +177,7 @@ class _Tracer(TorchDispatchMode):
         if name in _FACTORIES:
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
-                    self.fresh(t, blocked=True)
+                    self.fresh(t, blocked=not self.free_constants)
             return
         tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         handler = getattr(self, f"op_{name}", None)
@@ -582,9 +594,16 @@ class _Tracer(TorchDispatchMode):
         raise AttributeError(name)
 
 
-def trace_model(model: torch.nn.Module, input_ids: torch.Tensor) -> TraceResult:
-    """Run ``model(input_ids)`` under the tracer and return the related spaces."""
-    tracer = _Tracer(model)
+def trace_model(model: torch.nn.Module, input_ids: torch.Tensor, free_constants: bool = False,
+                couplings: Sequence[tuple[tuple[str, int], tuple[str, int]]] = ()) -> TraceResult:
+    """Run ``model(input_ids)`` under the tracer and return the related spaces.
+
+    ``free_constants`` lets tensors made by factory ops follow the spaces they meet instead of
+    blocking them; ``couplings`` declares ``(param, dim)`` pairs that share one space.
+    """
+    tracer = _Tracer(model, free_constants)
+    for (p1, d1), (p2, d2) in couplings:
+        tracer.sp.union(tracer.param_atoms[p1][d1], tracer.param_atoms[p2][d2])
     names = {id(m): n for n, m in model.named_modules()}
     handles = []
 

@@ -12,13 +12,20 @@ from fastprune.graph import PruningGraph
 from fastprune.plan import Plan
 
 
-def _kept_mean_norm(module: torch.nn.Module, kept: torch.Tensor, weight_attr: str, eps: float):
-    """Replace an RMS-style norm's forward by one that averages over the kept channels only."""
+def _norm_over_kept(module: torch.nn.Module, kept: torch.Tensor) -> None:
+    """Make a norm compute over the kept channels only (what the compacted model computes)."""
+    compact = copy.deepcopy(module)
+    with torch.no_grad():
+        for p in compact.parameters(recurse=False):
+            p.data = p.data[kept]
+    if isinstance(compact, torch.nn.LayerNorm):
+        compact.normalized_shape = (len(kept),)
 
-    def forward(x):
-        ms = x.float()[..., kept].pow(2).mean(-1, keepdim=True)
-        out = x.float() * torch.rsqrt(ms + eps)
-        return getattr(module, weight_attr) * out.to(x.dtype)
+    def forward(x, *args, **kwargs):
+        y = compact(x[..., kept], *args, **kwargs)
+        out = y.new_zeros(*y.shape[:-1], x.shape[-1])
+        out[..., kept] = y
+        return out
 
     module.forward = forward
 
@@ -40,17 +47,21 @@ def masked_reference(model: torch.nn.Module, plan: Plan, graph: PruningGraph) ->
             shape[dim] = -1
             p.mul_(mask.view(shape))
     hidden = [g for g in graph.groups if g.kind == "hidden" and g.name in plan.keep]
-    if hidden:
+    if hidden:  # modules whose own 1-D parameters are hidden-dim scales are the norms
         kept = torch.tensor(plan.keep[hidden[0].name])
-        for mod in ref.modules():
-            for attr, eps_attr in (("weight", "variance_epsilon"), ("gain", None)):
-                w = getattr(mod, attr, None)
-                if type(mod).__name__.endswith(("RMSNorm", "ScaleNorm")) and isinstance(w, torch.Tensor):
-                    _kept_mean_norm(mod, kept, attr, getattr(mod, eps_attr, 1e-5) if eps_attr else 1e-5)
-                    break
+        scales = {s.param for s in hidden[0].slices if s.role == "other"}
+        for name, mod in ref.named_modules():
+            own = [f"{name}.{n}" if name else n for n, _ in mod.named_parameters(recurse=False)]
+            if own and not isinstance(mod, torch.nn.Embedding) and all(p in scales for p in own):
+                _norm_over_kept(mod, kept)
     if plan.remove_layers:
         layers = ref.get_submodule(graph.layer_container)
         for i in plan.remove_layers:
-            layers[i].register_forward_hook(
-                lambda mod, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True)
+            layers[i].register_forward_hook(_skip_layer, with_kwargs=True)
     return ref
+
+
+def _skip_layer(module, args, kwargs, out):
+    """Make a layer pass its input through (its output structure kept)."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
