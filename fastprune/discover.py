@@ -16,7 +16,7 @@ from fastprune.trace import TraceResult, trace_model
 
 # name hints for integer module attributes that hold a group's width
 _ATTR_HINTS = {
-    "heads": re.compile(r"head(?!_dim|_size|dim)|groups|split", re.I),
+    "heads": re.compile(r"head(?!_dim|_size|dim)|groups|split|hidden|embed", re.I),
     "channels": re.compile(r"intermediate|ffn|inner|mlp|hidden_dim", re.I),
     "hidden": re.compile(r"hidden|embed|embd|d_model|model_dim", re.I),
 }
