@@ -66,7 +66,7 @@ def ext_modules() -> list[Extension]:
 setup(
     packages=find_packages(include=["fastprune", "fastprune.*"]) + ["fastprune.kernels"],
     package_dir={"fastprune.kernels": "kernels"},
-    package_data={"fastprune": ["resources/*"]},
+    package_data={"fastprune": ["resources/*", "tasks/*.yaml"]},
     ext_modules=ext_modules(),
     cmdclass={"build_ext": CMakeBuild},
 )

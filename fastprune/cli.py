@@ -1,111 +1,606 @@
-"""Command line: ``fastprune prune --model smollm2 --ratio 0.2``."""
+"""fastprune: structured pruning of Hugging Face causal LMs (the LLM-Pruner method).
+
+Commands: prune, sweep, eval, inspect, bench, tune.  Run ``fastprune COMMAND --help`` for options.
+Exit codes: 0 success, 2 a problem with the input (the message says what), 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
+import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from fastprune.errors import FastpruneError
 
 CRITERIA = ("element1", "element2", "mix", "vectorwise", "l1", "l2", "random")
+BENCH_SCRIPTS = {"kernels": "bench_kernels.py", "prune": "bench_prune.py", "quality": "quality.py"}
+USER_ERRORS = (FastpruneError, FileNotFoundError, NotADirectoryError, ValueError)
 
 
-def _add_prune_args(p: argparse.ArgumentParser) -> None:
+# ---------------------------------------------------------------------------------------------- arguments
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1) (0.2 removes 20 %), got {text}")
+    return value
+
+
+def _ratios(text: str) -> list[float]:
+    return [_ratio(t) for t in text.split(",") if t.strip()]
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 2:
+        raise argparse.ArgumentTypeError(f"expected integers >= 2, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--json", action="store_true", help="print machine-readable results (JSON) only")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="weight dtype (default: float32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return p
+
+
+def _add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="hub id, local directory, .gguf file, or 'smollm2' (the embedded default)")
-    p.add_argument("--ratio", type=float, default=0.2, help="fraction of all parameters to remove")
     p.add_argument("--criterion", choices=CRITERIA, default="element1")
     p.add_argument("--scope", choices=("block", "channel", "layer"), default="block")
     p.add_argument("--ranking", choices=("local", "global"), default="local")
     p.add_argument("--aggregation", choices=("sum", "mean", "max", "prod", "first"), default="sum")
     p.add_argument("--layers", type=int, nargs=2, metavar=("START", "END"),
                    help="block-wise layer range [START, END) (default: LLM-Pruner's 4..30 of 32, scaled)")
-    p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
-    p.add_argument("--steps", type=int, default=1, help="iterative pruning in this many steps")
-    p.add_argument("--calib", default="wiki", help="calibration text: wiki, austen, a .txt/.jsonl file, or a hub name")
-    p.add_argument("--n-samples", type=int, default=10)
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--round-to", type=_positive_int, default=1, help="keep channel counts multiples of this")
+    p.add_argument("--calib", default="wiki",
+                   help="calibration text: wiki, austen, a .txt/.jsonl file, or a hub name")
+    p.add_argument("--n-samples", type=_positive_int, default=10)
+    p.add_argument("--seq-len", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", default="wiki,austen", help="comma-separated perplexity sets ('' to skip)")
-    p.add_argument("--eval-seq-len", type=int, default=128)
-    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per evaluation set")
-    p.add_argument("--prompt", default="The capital of France is", help="prompt for a generated sample")
+    p.add_argument("--eval-seq-len", type=_positive_int, default=128)
+    p.add_argument("--eval-tokens", type=_positive_int, default=8192, help="held-out tokens per evaluation set")
+
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    _add_selection_args(p)
+    p.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of all parameters to remove")
+    p.add_argument("--steps", type=_positive_int, default=1, help="iterative pruning in this many steps")
+    p.add_argument("--scores", help="reuse importance scores saved with --save-scores (skips calibration)")
+    p.add_argument("--save-scores", help="write the importance scores here (safetensors) for later runs")
+    p.add_argument("--out", help="save the pruned checkpoint (and the run report) to this directory")
+    p.add_argument("--report-dir", help="write the run report here (default: --out, else runs/prune-<time>)")
+    p.add_argument("--prompt", default="The capital of France is", help="prompt for a generated sample ('' to skip)")
     p.add_argument("--plan-out", help="write the plan as JSON here")
     p.add_argument("--dry-run", action="store_true", help="show the plan's effect without changing the model")
-    p.add_argument("--json", action="store_true", help="print machine-readable results")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
-def _perplexities(model, tokenizer, sets, seq_len, max_tokens, quiet):
+def _add_sweep_args(p: argparse.ArgumentParser) -> None:
+    _add_selection_args(p)
+    p.add_argument("--ratios", type=_ratios, default=[0.1, 0.2, 0.3, 0.4, 0.5],
+                   help="comma-separated ratios, scored once and pruned from a fresh copy each")
+    p.add_argument("--out", help="write table, JSON and chart here (default: runs/sweep-<time>)")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append",
+                   help="model or checkpoint directory (repeat to compare; default: smollm2)")
+    p.add_argument("--ppl", default="wiki,austen",
+                   help="perplexity sets: wiki, austen, wikitext2, ptb, a local file ('' to skip)")
+    p.add_argument("--seq-lens", type=_positive_ints, default=[128],
+                   help="perplexity window lengths, e.g. 128,512,2048")
+    p.add_argument("--eval-tokens", type=_positive_int, default=16384, help="held-out tokens per perplexity set")
+    p.add_argument("--zeroshot", default="offline",
+                   help="offline, standard, all, or comma-separated task names ('' to skip)")
+    p.add_argument("--limit", type=_positive_int, help="score only the first N items of each zero-shot task")
+    p.add_argument("--engine", choices=("auto", "lm-eval", "native"), default="auto",
+                   help="zero-shot scorer: lm-eval's HFLM or the built-in one (same scoring)")
+    p.add_argument("--n-items", type=_positive_int, default=500, help="items generated per offline task")
+    p.add_argument("--tasks-dir", help="where offline task jsonl + lm-eval YAMLs are written (default: cache)")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("script", nargs="?", choices=tuple(BENCH_SCRIPTS),
+                   help="run benchmarks/<script>; arguments after it are passed through")
+    p.add_argument("--inference", action="store_true", help="pruned vs dense inference speed and memory")
+    p.add_argument("--model", default="smollm2", help="the dense model")
+    p.add_argument("--checkpoint", help="the pruned model (a checkpoint directory); default: prune --ratio now")
+    p.add_argument("--ratio", type=_ratio, default=0.2)
+    p.add_argument("--criterion", choices=CRITERIA, default="element1")
+    p.add_argument("--prompt-len", type=_positive_int, default=128)
+    p.add_argument("--new-tokens", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument("--repeat", type=_positive_int, default=3)
+    p.add_argument("--attn", default="sdpa,eager", help="attention implementations to compare")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for the check ('none' skips)")
+    p.add_argument("--out", help="write the table and JSON here")
+
+
+def _add_tune(sub: Any, argv: Sequence[str]) -> None:
+    p = sub.add_parser("tune", help="LoRA recovery of a pruned checkpoint (fastprune.recovery)")
+    if list(argv[:1]) != ["tune"]:
+        return  # import the recovery module (peft) only when it is asked for
+    try:
+        from fastprune.recovery import add_tune_arguments
+    except ImportError as exc:
+        p.set_defaults(tune_unavailable=f"{exc}")
+        return
+    add_tune_arguments(p)
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The ``fastprune`` argument parser (``argv`` decides whether ``tune`` loads its options)."""
+    parser = argparse.ArgumentParser(prog="fastprune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common()
+    _add_prune_args(sub.add_parser("prune", parents=[common], help="prune a model, report size and perplexity"))
+    _add_sweep_args(sub.add_parser("sweep", parents=[common], help="one scoring, several ratios: table and chart"))
+    _add_eval_args(sub.add_parser("eval", parents=[common], help="perplexity and zero-shot accuracy table"))
+    inspect = sub.add_parser("inspect", parents=[common], help="per-layer widths of a model or checkpoint")
+    inspect.add_argument("model", help="model, checkpoint directory, .gguf file or 'smollm2'")
+    _add_bench_args(sub.add_parser("bench", parents=[common], help="benchmark scripts; --inference: pruned vs dense"))
+    _add_tune(sub, argv)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def _say(args: argparse.Namespace):
+    return (lambda *a: None) if getattr(args, "json", False) else (lambda *a: print(*a, flush=True))
+
+
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """A directory written by ``save_pruned`` (it holds a plan, a report or a fastprune config entry)."""
+    from fastprune.io import PLAN_FILE, REPORT_FILE
+
+    root = Path(path).expanduser()
+    config = root / "config.json"
+    if not config.is_file():
+        return False
+    if (root / PLAN_FILE).is_file() or (root / REPORT_FILE).is_file():
+        return True
+    try:
+        return "fastprune" in json.loads(config.read_text())
+    except ValueError:
+        return False
+
+
+def load(name: str, args: argparse.Namespace, attn: str | None = None):
+    """``(model, tokenizer)`` from a fastprune checkpoint or anything ``load_model`` takes."""
+    import torch
+
+    from fastprune.io import load_pruned
+    from fastprune.models import load_model
+
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    device = _device(args)
+    if is_checkpoint(name):
+        model, tokenizer = load_pruned(Path(name).expanduser(), dtype=dtype, device=device)
+        if attn:
+            model.set_attn_implementation(attn)
+        return model, tokenizer
+    return load_model(name, dtype=dtype, device=device, attn_implementation=attn)
+
+
+def _perplexities(model, tokenizer, sets: Sequence[str], seq_lens: Sequence[int], max_tokens: int,
+                  progress: bool) -> dict[str, float]:
     from fastprune.data import eval_tokens
     from fastprune.evaluate import perplexity
 
+    if tokenizer is None and sets:
+        raise FastpruneError("perplexity needs the model's tokenizer (the checkpoint has none)")
     out = {}
     for name in sets:
         tokens = eval_tokens(tokenizer, name, max_tokens=max_tokens)
-        out[name] = perplexity(model, tokens, seq_len=seq_len, progress=not quiet).ppl
+        for seq_len in seq_lens:
+            out[f"{name}@{seq_len}"] = perplexity(model, tokens, seq_len=seq_len, progress=progress).ppl
     return out
 
 
-def cmd_prune(args: argparse.Namespace) -> dict:
-    import torch
+def _sets(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
 
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return _jsonable(asdict(value))
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(_jsonable(data), indent=1) + "\n")
+
+
+def _run_dir(kind: str, explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_prune_report(directory: str | Path, report: Any, result: dict[str, Any]) -> dict[str, Path]:
+    """Write ``report.json`` (everything), ``report.md`` (a short summary) and ``widths.png`` to ``directory``."""
+    from fastprune.plots import plot_widths
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {"json": root / "report.json", "markdown": root / "report.md", "chart": root / "widths.png"}
+    _write_json(paths["json"], result)
+    title = f"{result.get('model', '')}: {report.ratio_achieved:.1%} of parameters removed"
+    plot_widths(report.widths_before, report.widths_after, paths["chart"], title=title)
+    s = report.settings
+    rows = [("parameters", f"{report.params_before:,}", f"{report.params_after:,}"),
+            ("layers", report.layers_before, report.layers_after)]
+    if report.hidden_before is not None:
+        rows.append(("hidden size", report.hidden_before, report.hidden_after))
+    for key, before in result.get("ppl_before", {}).items():
+        after = result.get("ppl_after", {}).get(key)
+        rows.append((f"perplexity {key}", f"{before:.2f}", "-" if after is None else f"{after:.2f}"))
+    verb = "would remove (dry run)" if report.dry_run else "removed"
+    lines = [f"# fastprune prune: {result.get('model', '')}", "",
+             f"{verb} {report.ratio_achieved:.2%} of the parameters (target {report.ratio_target:.2%}); "
+             f"criterion {s.get('criterion')}, scope {s.get('scope')}, ranking {s.get('ranking')}, "
+             f"aggregation {s.get('aggregation')}, {s.get('steps')} step(s), calibration "
+             f"{result.get('calib', '')} {s.get('n_samples')} x {s.get('seq_len')} tokens.", "",
+             _md_table(("", "before", "after"), rows), "", "![kept heads and MLP channels per layer](widths.png)", "",
+             "```", report.summary(), "```", ""]
+    if result.get("sample") is not None:
+        lines[-1:-1] = ["", f"Sample: `{result['prompt']}` -> `{result['sample']}`"]
+    paths["markdown"].write_text("\n".join(lines))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+def _scores_for(model, tokenizer, args, say):
+    """Saved scores (``--scores``), or fresh ones written to ``--save-scores``; None lets prune() score."""
+    from fastprune.importance import Scores
+
+    if args.scores:
+        if not Path(args.scores).is_file():
+            raise FastpruneError(f"no such scores file: {args.scores}")
+        scores = Scores.load(args.scores)
+        say(f"reusing {scores.criterion} scores from {args.scores}")
+        return scores
+    if not args.save_scores:
+        return None
+    scores = _score(model, tokenizer, args)
+    scores.save(args.save_scores)
+    say(f"scores written to {args.save_scores}")
+    return scores
+
+
+def _score(model, tokenizer, args):
+    from fastprune.data import calibration_batch
+    from fastprune.discover import discover
+    from fastprune.importance import GRADIENT_FREE, score
+
+    graph = discover(model)
+    calib = None
+    if args.criterion not in GRADIENT_FREE:
+        if tokenizer is None:
+            raise FastpruneError("gradient-based criteria need the model's tokenizer for calibration text")
+        calib = calibration_batch(tokenizer, args.calib, n_samples=args.n_samples, seq_len=args.seq_len,
+                                  seed=args.seed)
+    return score(model, graph, calib, criterion=args.criterion, seed=args.seed, progress=not args.json)
+
+
+def cmd_prune(args: argparse.Namespace) -> dict:
     import fastprune
     from fastprune.evaluate import generate_sample
-    from fastprune.models import load_model
 
-    quiet = args.json
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    say = _say(args)
+    progress = not args.json
+    if args.scores and args.save_scores:
+        raise FastpruneError("--scores reuses saved scores and --save-scores writes new ones: pass one")
+    if args.out and not args.dry_run and Path(args.out).expanduser().exists() and \
+            not Path(args.out).expanduser().is_dir():
+        raise FastpruneError(f"--out {args.out} exists and is not a directory")
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    model, tokenizer = load(args.model, args)
     say(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters) "
         f"in {time.perf_counter() - t0:.1f} s")
-    sets = [s for s in args.eval.split(",") if s]
-    result: dict = {"model": args.model}
+    sets = _sets(args.eval)
+    result: dict = {"command": "prune", "model": args.model, "calib": args.calib}
     if sets:
-        result["ppl_before"] = _perplexities(model, tokenizer, sets, args.eval_seq_len, args.eval_tokens, quiet)
+        result["ppl_before"] = _perplexities(model, tokenizer, sets, [args.eval_seq_len], args.eval_tokens, progress)
         say("perplexity before: " + ", ".join(f"{k} {v:.2f}" for k, v in result["ppl_before"].items()))
-    report = fastprune.prune(model, args.ratio, criterion=args.criterion, scope=args.scope,
-                             ranking=args.ranking, aggregation=args.aggregation,
+    scores = _scores_for(model, tokenizer, args, say)
+    report = fastprune.prune(model, args.ratio, criterion=scores.criterion if scores else args.criterion,
+                             scope=args.scope, ranking=args.ranking, aggregation=args.aggregation,
                              layers=tuple(args.layers) if args.layers else None, round_to=args.round_to,
                              calib=args.calib, tokenizer=tokenizer, n_samples=args.n_samples,
-                             seq_len=args.seq_len, steps=args.steps, seed=args.seed,
-                             dry_run=args.dry_run, progress=not quiet)
+                             seq_len=args.seq_len, steps=args.steps, seed=args.seed, scores=scores,
+                             dry_run=args.dry_run, progress=progress)
     say(report.summary())
     result["report"] = report.to_dict()
     if args.plan_out:
         fastprune.Plan.from_json(report.settings["plans"][-1]).save(args.plan_out)
         say(f"plan written to {args.plan_out}")
     if sets and not args.dry_run:
-        result["ppl_after"] = _perplexities(model, tokenizer, sets, args.eval_seq_len, args.eval_tokens, quiet)
+        result["ppl_after"] = _perplexities(model, tokenizer, sets, [args.eval_seq_len], args.eval_tokens, progress)
         say("perplexity after:  " + ", ".join(f"{k} {v:.2f}" for k, v in result["ppl_after"].items()))
-    if args.prompt and not args.dry_run:
+    if args.prompt and not args.dry_run and tokenizer is not None:
+        result["prompt"] = args.prompt
         result["sample"] = generate_sample(model, tokenizer, args.prompt, max_new_tokens=24)
         say(f"sample: {args.prompt!r} -> {result['sample']!r}")
+    if args.out and not args.dry_run:
+        from fastprune.io import save_pruned
+
+        say(f"saving checkpoint to {args.out} ...")
+        evaluation = {f"perplexity {k}": v for k, v in result.get("ppl_after", {}).items()}
+        result["checkpoint"] = str(save_pruned(model, args.out, tokenizer=tokenizer, report=report,
+                                               base_model=args.model, evaluation=evaluation or None))
+    report_dir = _run_dir("prune", args.report_dir or (None if args.dry_run else args.out))
+    result["report_files"] = {k: str(v) for k, v in write_prune_report(report_dir, report, result).items()}
+    say(f"report written to {report_dir}/ (report.md, report.json, widths.png)")
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fastprune`` console script."""
-    parser = argparse.ArgumentParser(prog="fastprune", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_prune_args(sub.add_parser("prune", help="prune a model and report size and perplexity"))
-    args = parser.parse_args(argv)
+def cmd_sweep(args: argparse.Namespace) -> dict:
+    from tqdm.auto import tqdm
+
+    import fastprune
+    from fastprune.plots import plot_sweep
+
+    say = _say(args)
+    progress = not args.json
+    sets = _sets(args.eval)
+    if not sets:
+        raise FastpruneError("sweep needs at least one perplexity set (--eval)")
+    model, tokenizer = load(args.model, args)
+    if tokenizer is None:
+        raise FastpruneError(f"{args.model} has no tokenizer; sweep needs one for calibration and perplexity")
+    say(f"loaded {args.model}; scoring once with {args.criterion}")
+    scores = _score(model, tokenizer, args)
+    dense = sum(p.numel() for p in model.parameters())
+    rows = [{"ratio": 0.0, "params": dense, "ratio_achieved": 0.0,
+             **_perplexities(model, tokenizer, sets, [args.eval_seq_len], args.eval_tokens, False)}]
+    for ratio in tqdm(sorted(set(args.ratios) - {0.0}), desc="sweep", unit="ratio", disable=not progress):
+        pruned = copy.deepcopy(model)
+        report = fastprune.prune(pruned, ratio, criterion=args.criterion, scope=args.scope, ranking=args.ranking,
+                                 aggregation=args.aggregation, layers=tuple(args.layers) if args.layers else None,
+                                 round_to=args.round_to, tokenizer=tokenizer, scores=scores, progress=False)
+        rows.append({"ratio": ratio, "params": report.params_after, "ratio_achieved": report.ratio_achieved,
+                     **_perplexities(pruned, tokenizer, sets, [args.eval_seq_len], args.eval_tokens, False)})
+        del pruned
+    keys = [k for k in rows[0] if "@" in k]
+    table = _md_table(("ratio", "parameters", "removed", *(f"ppl {k}" for k in keys)),
+                      [(f"{r['ratio']:.0%}", f"{r['params']:,}", f"{r['ratio_achieved']:.2%}",
+                        *(f"{r[k]:.2f}" for k in keys)) for r in rows])
+    out = _run_dir("sweep", args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(args, k) for k in ("model", "criterion", "scope", "ranking", "aggregation", "calib",
+                                              "n_samples", "seq_len", "seed", "eval_seq_len", "eval_tokens")}
+    result = {"command": "sweep", **settings, "rows": rows,
+              "files": {"json": str(out / "sweep.json"), "markdown": str(out / "sweep.md"),
+                        "chart": str(out / "sweep.png")}}
+    _write_json(out / "sweep.json", result)
+    (out / "sweep.md").write_text(f"# fastprune sweep: {args.model} ({args.criterion}, {args.scope})\n\n"
+                                  f"{table}\n\n![perplexity against parameters](sweep.png)\n")
+    plot_sweep(rows, out / "sweep.png", keys, title=f"{args.model}: {args.criterion}, {args.scope}")
+    say(table)
+    say(f"written to {out}/ (sweep.md, sweep.json, sweep.png)")
+    return result
+
+
+def format_eval_table(rows: Sequence[dict[str, Any]]) -> str:
+    """LLM-Pruner's results layout: model, parameters, perplexities, accuracy per task (%), mean."""
+    ppl_keys = list(dict.fromkeys(k for r in rows for k in r["ppl"]))
+    tasks = list(dict.fromkeys(t for r in rows for t in r["zeroshot"]))
+    header = ["model", "params", *ppl_keys, *tasks] + (["mean"] if tasks else [])
+    body = []
+    for r in rows:
+        cells = [r["model"], f"{r['params'] / 1e6:.1f} M" if r["params"] >= 1e6 else f"{r['params'] / 1e3:.1f} K"]
+        cells += [f"{r['ppl'][k]:.2f}" if k in r["ppl"] else "-" for k in ppl_keys]
+        cells += [f"{100 * r['zeroshot'][t]['score']:.2f}" if t in r["zeroshot"] else "-" for t in tasks]
+        if tasks:
+            cells.append("-" if r.get("mean") is None else f"{100 * r['mean']:.2f}")
+        body.append(cells)
+    return _md_table(header, body)
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from fastprune.zeroshot import PRIMARY_METRIC, evaluate_zeroshot, resolve_tasks
+
+    say = _say(args)
+    progress = not args.json
+    tasks = resolve_tasks(args.zeroshot)
+    sets = _sets(args.ppl)
+    if not tasks and not sets:
+        raise FastpruneError("nothing to evaluate: give --ppl sets or --zeroshot tasks")
+    rows = []
+    for name in args.model or ["smollm2"]:
+        model, tokenizer = load(name, args)
+        say(f"evaluating {name}")
+        row: dict[str, Any] = {"model": name, "params": sum(p.numel() for p in model.parameters()),
+                               "ppl": _perplexities(model, tokenizer, sets, args.seq_lens, args.eval_tokens, progress)}
+        results = evaluate_zeroshot(model, tokenizer, tasks, limit=args.limit, engine=args.engine,
+                                    tasks_dir=args.tasks_dir, n_items=args.n_items, batch_size=args.batch_size,
+                                    progress=progress) if tasks else {}
+        row["zeroshot"] = {t: {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n, "score": r.primary(t),
+                               "metric": PRIMARY_METRIC.get(t, "acc")} for t, r in results.items()}
+        row["mean"] = sum(r["score"] for r in row["zeroshot"].values()) / len(results) if results else None
+        rows.append(row)
+        del model
+    table = format_eval_table(rows)
+    say(table)
+    if tasks:
+        n = {t: r["n"] for t, r in rows[0]["zeroshot"].items()}
+        say("accuracy in %: " + ", ".join(f"{t} {rows[0]['zeroshot'][t]['metric']} on {n[t]} items" for t in n))
+    return {"command": "eval", "rows": rows, "table": table}
+
+
+def cmd_inspect(args: argparse.Namespace) -> dict:
+    from fastprune.apply import layer_widths
+    from fastprune.discover import discover
+    from fastprune.io import read_plans
+
+    say = _say(args)
+    model, _ = load(args.model, args)
+    graph = discover(model)
+    widths = layer_widths(model, graph)
+    config = model.config
+    result: dict[str, Any] = {
+        "command": "inspect", "model": args.model, "class": type(model).__name__,
+        "params": sum(p.numel() for p in model.parameters()), "layers": graph.num_layers,
+        "hidden_size": getattr(config, "hidden_size", None), "vocab_size": getattr(config, "vocab_size", None),
+        "widths": {int(k): v for k, v in sorted(widths.items())}, "checkpoint": is_checkpoint(args.model)}
+    if result["checkpoint"]:
+        plans = read_plans(Path(args.model).expanduser())
+        result["plans"] = [p.settings for p in plans]
+    lines = [f"{args.model}: {type(model).__name__}, {result['params']:,} parameters, {graph.num_layers} layers, "
+             f"hidden size {result['hidden_size']}"]
+    for settings in result.get("plans", []):
+        lines.append("pruned with " + ", ".join(f"{k} {v}" for k, v in settings.items() if not isinstance(v, dict)))
+    lines.append(_md_table(("layer", "query heads", "kv heads", "MLP channels"),
+                           [(k, w.get("heads", "-"), w.get("kv_heads", "-"), w.get("intermediate", "-"))
+                            for k, w in result["widths"].items()]))
+    say("\n".join(lines))
+    return result
+
+
+def _bench_script(name: str, extra: Sequence[str]) -> int:
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    script = root / BENCH_SCRIPTS[name]
+    if not script.is_file():
+        raise FastpruneError(f"{script} not found: the benchmark scripts live in the source tree's benchmarks/ "
+                             "folder (run from a git checkout)")
+    return subprocess.call([sys.executable, str(script), *extra])
+
+
+def cmd_bench(args: argparse.Namespace, extra: Sequence[str]) -> dict:
+    import fastprune
+    from fastprune.inference import benchmark, compile_check, format_table
+
+    say = _say(args)
+    progress = not args.json
+    if args.script:
+        if args.inference:
+            raise FastpruneError("give either a benchmark script or --inference")
+        code = _bench_script(args.script, extra)
+        return {"command": "bench", "script": args.script, "returncode": code}
+    if not args.inference:
+        raise FastpruneError(f"choose a benchmark: --inference or one of {', '.join(BENCH_SCRIPTS)}")
+    if extra:
+        raise FastpruneError(f"unrecognised arguments: {' '.join(extra)}")
+    attn = _sets(args.attn)
+    dense, tokenizer = load(args.model, args)
+    if args.checkpoint:
+        pruned, _ = load(args.checkpoint, args)
+    else:
+        say(f"pruning a copy of {args.model} by {args.ratio:.0%} ({args.criterion})")
+        pruned = copy.deepcopy(dense)
+        fastprune.prune(pruned, args.ratio, criterion=args.criterion, tokenizer=tokenizer, progress=progress)
+    rows = benchmark({"dense": dense, "pruned": pruned}, attn=attn, prompt_len=args.prompt_len,
+                     new_tokens=args.new_tokens, batch_size=args.batch_size, repeat=args.repeat, progress=progress)
+    table = format_table(rows)
+    say(table)
+    result: dict[str, Any] = {"command": "bench", "inference": rows, "table": table}
+    if args.compile_backend != "none":
+        result["compile"] = compile_check(pruned, backend=args.compile_backend)
+        c = result["compile"]
+        say(f"torch.compile ({c['backend']}) of the pruned model: " +
+            (f"ok, max |logit diff| {c['max_abs_diff']:.2e}, {c['compile_and_run_s']:.1f} s" if c["ok"]
+             else f"FAILED: {c.get('error') or 'logits differ by ' + format(c.get('max_abs_diff', 0), '.3g')}"))
+    if args.out:
+        out = Path(args.out).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "inference.json", result)
+        (out / "inference.md").write_text(table + "\n")
+    return result
+
+
+def cmd_tune(args: argparse.Namespace) -> dict:
+    reason = getattr(args, "tune_unavailable", None)
+    if reason is not None:
+        raise FastpruneError(f"'fastprune tune' is not available in this installation (LoRA recovery lives in "
+                             f"fastprune.recovery: {reason})")
     try:
-        result = cmd_prune(args)
-    except FastpruneError as exc:
+        from fastprune.recovery import run_tune
+    except ImportError as exc:
+        raise FastpruneError(f"'fastprune tune' is not available: {exc}") from exc
+    return run_tune(args)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastprune`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    passthrough = args.command == "bench" or getattr(args, "tune_unavailable", None) is not None
+    if extra and not passthrough:
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    commands = {"prune": cmd_prune, "sweep": cmd_sweep, "eval": cmd_eval, "inspect": cmd_inspect, "tune": cmd_tune}
+    try:
+        result = cmd_bench(args, extra) if args.command == "bench" else commands[args.command](args)
+    except USER_ERRORS as exc:
         print(f"fastprune: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        print(f"fastprune: error: a package is missing: {exc.name} (pip install {exc.name})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastprune: interrupted", file=sys.stderr)
         return 130
-    if args.json:
-        print(json.dumps(result, indent=1, default=str))
+    if getattr(args, "json", False) or args.command == "tune":  # tune's summary is its result as JSON
+        print(json.dumps(_jsonable(result), indent=1))
+    if args.command == "bench" and args.script:
+        return int(result["returncode"])
+    if args.command == "bench" and "compile" in result and not result["compile"]["ok"]:
+        return 1
     return 0
 
 

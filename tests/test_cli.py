@@ -1,0 +1,164 @@
+"""The ``fastprune`` command line on a tiny Llama saved with a character tokenizer."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from test_data import char_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fastprune.cli import main
+from fastprune.io import load_pruned
+
+FAST = ["--calib", "austen", "--n-samples", "4", "--seq-len", "32", "--eval", "austen", "--eval-tokens", "512",
+        "--eval-seq-len", "64"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 4-layer GQA Llama (6 query / 2 kv heads) and its tokenizer, saved as a Hugging Face directory."""
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "pruned"
+    assert main(["prune", "--model", str(tiny_dir), "--ratio", "0.3", *FAST, "--prompt", "", "--out", str(out),
+                 "--json"]) == 0
+    return out
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse rejects bad arguments itself (exit 2, usage on stderr)
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------------- user mistakes
+
+@pytest.mark.parametrize("ratio", ["1.5", "-0.1", "abc"])
+def test_bad_ratio_is_a_usage_error(capsys, ratio):
+    code, _, err = run(capsys, "prune", "--ratio", ratio)
+    assert code == 2
+    assert "--ratio" in err and "Traceback" not in err
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, _, err = run(capsys, "prune", "--model", str(tmp_path / "nope"), "--eval", "")
+    assert code == 2
+    assert err.startswith("fastprune: error: no such model directory") and "Traceback" not in err
+
+
+def test_corrupted_checkpoint(capsys, pruned_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in pruned_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    code, _, err = run(capsys, "inspect", str(broken))
+    assert code == 2
+    assert "fastprune: error:" in err and "model.safetensors" in err and "Traceback" not in err
+
+
+def test_missing_scores_file(capsys, tiny_dir, tmp_path):
+    code, _, err = run(capsys, "prune", "--model", str(tiny_dir), "--eval", "", "--scores", str(tmp_path / "x.st"))
+    assert code == 2 and "no such scores file" in err
+
+
+def test_unknown_option_and_bench_without_choice(capsys):
+    code, _, err = run(capsys, "inspect", "smollm2", "--bogus")
+    assert code == 2 and "--bogus" in err
+    code, _, err = run(capsys, "bench")
+    assert code == 2 and "--inference" in err
+
+
+def test_tune_without_recovery_module(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastprune.recovery", None)  # import fails as if the module were absent
+    code, _, err = run(capsys, "tune", "--anything", "x")
+    assert code == 2 and "not available" in err
+
+
+# ---------------------------------------------------------------------------------- prune, inspect, sweep
+
+def test_prune_out_writes_checkpoint_and_report(pruned_dir):
+    for name in ("config.json", "model.safetensors", "fastprune_plan.json", "report.json", "report.md",
+                 "widths.png", "README.md"):
+        assert (pruned_dir / name).is_file(), name
+    report = json.loads((pruned_dir / "report.json").read_text())
+    model, tokenizer = load_pruned(pruned_dir)
+    assert sum(p.numel() for p in model.parameters()) == report["report"]["params_after"]
+    assert report["report"]["ratio_achieved"] == pytest.approx(0.3, abs=0.01)
+    assert set(report["ppl_after"]) == {"austen@64"} and tokenizer is not None
+    assert (pruned_dir / "widths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "perplexity austen@64" in (pruned_dir / "report.md").read_text()
+
+
+def test_json_output_parses(capsys, tiny_dir, tmp_path):
+    code, out, _ = run(capsys, "prune", "--model", str(tiny_dir), "--ratio", "0.2", *FAST, "--prompt", "",
+                       "--dry-run", "--report-dir", str(tmp_path / "r"), "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["report"]["dry_run"] and "ppl_after" not in result
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"report.json", "report.md", "widths.png"}
+
+
+def test_save_scores_then_reuse_gives_same_plan(capsys, tiny_dir, tmp_path):
+    scores = tmp_path / "scores.safetensors"
+    common = ["prune", "--model", str(tiny_dir), "--ratio", "0.25", *FAST, "--eval", "", "--prompt", "",
+              "--dry-run", "--report-dir", str(tmp_path / "r"), "--json"]
+    assert run(capsys, *common, "--save-scores", str(scores), "--plan-out", str(tmp_path / "a.json"))[0] == 0
+    assert run(capsys, *common, "--scores", str(scores), "--plan-out", str(tmp_path / "b.json"))[0] == 0
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert a["keep"] == b["keep"]
+
+
+def test_inspect_checkpoint(capsys, pruned_dir):
+    code, out, _ = run(capsys, "inspect", str(pruned_dir), "--json")
+    assert code == 0
+    info = json.loads(out)
+    report = json.loads((pruned_dir / "report.json").read_text())["report"]
+    assert info["checkpoint"] and info["params"] == report["params_after"] and info["layers"] == 4
+    assert {int(k): v["intermediate"] for k, v in info["widths"].items()} == \
+        {int(k): v["intermediate"] for k, v in report["widths_after"].items()}
+    code, out, _ = run(capsys, "inspect", str(pruned_dir))
+    assert "| layer | query heads | kv heads | MLP channels |" in out
+
+
+def test_sweep_table_and_chart(capsys, tiny_dir, tmp_path):
+    code, out, _ = run(capsys, "sweep", "--model", str(tiny_dir), "--ratios", "0.2,0.4", *FAST,
+                       "--out", str(tmp_path / "s"), "--json")
+    assert code == 0
+    rows = json.loads(out)["rows"]
+    assert [r["ratio"] for r in rows] == [0.0, 0.2, 0.4]
+    assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"]
+    assert all(r["austen@64"] > 1 for r in rows)
+    assert {p.name for p in (tmp_path / "s").iterdir()} == {"sweep.json", "sweep.md", "sweep.png"}
+
+
+def test_eval_table(capsys, tiny_dir, pruned_dir, tmp_path):
+    code, out, _ = run(capsys, "eval", "--model", str(tiny_dir), "--model", str(pruned_dir), "--ppl", "austen",
+                       "--seq-lens", "32,64", "--eval-tokens", "256", "--zeroshot", "austen_next_sentence",
+                       "--limit", "2", "--n-items", "8", "--engine", "native", "--tasks-dir", str(tmp_path), "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert [r["params"] > 0 for r in result["rows"]] == [True, True]
+    row = result["rows"][1]
+    assert set(row["ppl"]) == {"austen@32", "austen@64"}
+    assert row["zeroshot"]["austen_next_sentence"]["n"] == 2
+    assert row["mean"] == row["zeroshot"]["austen_next_sentence"]["score"]
+    header = result["table"].splitlines()[0]
+    assert header == "| model | params | austen@32 | austen@64 | austen_next_sentence | mean |"
