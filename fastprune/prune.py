@@ -110,23 +110,19 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
         if step < steps:
             with stage(stages, "discovery", device):
                 graph = discover(model)
+    last = plans[-1]
     if dry_run:
         from fastprune.select import predicted_params
-        params_after = predicted_params(graph, plans[0])
-        widths_after = layer_widths(model, graph, plans[0])
-        hidden_after = _hidden_size(graph, plans[0])
-        layers_after = graph.num_layers - len(plans[0].remove_layers)
+        params_after = predicted_params(graph, last)
     else:
         params_after = sum(p.numel() for p in model.parameters())
-        final = discover(model)
-        widths_after = {}
-        kept_layers = [i for i in range(original.num_layers)]
-        for p in plans:
-            kept_layers = [x for j, x in enumerate(kept_layers) if j not in set(p.remove_layers)]
-        for new_index, w in layer_widths(model, final).items():
-            widths_after[kept_layers[new_index]] = w
-        hidden_after = _hidden_size(final)
-        layers_after = final.num_layers
+    # widths after the last plan, keyed by the layer's index in the original model
+    original_index = list(range(original.num_layers))
+    for p in plans[:-1]:
+        original_index = [x for j, x in enumerate(original_index) if j not in set(p.remove_layers)]
+    widths_after = {original_index[i]: w for i, w in layer_widths(model, graph, last).items()}
+    hidden_after = _hidden_size(graph, last)
+    layers_after = graph.num_layers - len(last.remove_layers)
     settings = {"criterion": criterion, "scope": scope, "ranking": ranking, "aggregation": aggregation,
                 "ratio": ratio, "group_ratio": group_ratio, "steps": steps, "n_samples": n_samples,
                 "seq_len": seq_len, "seed": seed, "round_to": round_to,
