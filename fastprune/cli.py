@@ -100,6 +100,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="The capital of France is", help="prompt for a generated sample ('' to skip)")
     p.add_argument("--plan-out", help="write the plan as JSON here")
     p.add_argument("--dry-run", action="store_true", help="show the plan's effect without changing the model")
+    p.add_argument("--uniform", action="store_true",
+                   help="same widths in every layer (all layers pruned): saves a plain Hugging Face checkpoint")
 
 
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
@@ -361,7 +363,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
                              layers=tuple(args.layers) if args.layers else None, round_to=args.round_to,
                              calib=args.calib, tokenizer=tokenizer, n_samples=args.n_samples,
                              seq_len=args.seq_len, steps=args.steps, seed=args.seed, scores=scores,
-                             dry_run=args.dry_run, progress=progress)
+                             dry_run=args.dry_run, uniform=args.uniform, progress=progress)
     say(report.summary())
     result["report"] = report.to_dict()
     if args.plan_out:

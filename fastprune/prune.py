@@ -47,7 +47,7 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
           layers: tuple[int, int] | None = None, round_to: int = 1, group_ratio: float | None = None,
           calib: torch.Tensor | str | None = None, tokenizer: Any = None, n_samples: int = 10,
           seq_len: int = 64, steps: int = 1, seed: int = 0, scores: Any = None, plan: Plan | None = None,
-          dry_run: bool = False, progress: bool = True) -> PruneReport:
+          dry_run: bool = False, uniform: bool = False, progress: bool = True) -> PruneReport:
     """Prune ``model`` in place so that about ``ratio`` of its parameters are removed.
 
     ``criterion``: random, l1, l2, element1, element2, mix, vectorwise.  ``scope``: block
@@ -55,7 +55,9 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
     layer (whole layers).  ``ranking``: local (one ratio per group) or global.  ``steps > 1``
     prunes iteratively with fresh scores each step.  ``scores`` reuses saved scores (one step
     only); ``plan`` applies a ready plan; ``dry_run`` computes the plan and the report without
-    touching the model.  Returns a :class:`PruneReport` (the plan is in ``report.settings``).
+    touching the model.  ``uniform`` prunes every layer by the same amount (block scope), so the
+    result saves with a plain config that any Hugging Face loader reads.
+    Returns a :class:`PruneReport` (the plan is in ``report.settings``).
     """
     from fastprune.importance import score
     from fastprune.select import select
@@ -101,7 +103,8 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
             with stage(stages, "selection", device):
                 step_plan = select(graph, step_scores, target if group_ratio is None else None,
                                    group_ratio=step_group_ratio, scope=scope, layers=layers,
-                                   ranking=ranking, aggregation=aggregation, round_to=round_to)
+                                   ranking=ranking, aggregation=aggregation, round_to=round_to,
+                                   uniform=uniform)
         plans.append(step_plan)
         if dry_run:
             break
@@ -125,7 +128,7 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
     layers_after = graph.num_layers - len(last.remove_layers)
     settings = {"criterion": criterion, "scope": scope, "ranking": ranking, "aggregation": aggregation,
                 "ratio": ratio, "group_ratio": group_ratio, "steps": steps, "n_samples": n_samples,
-                "seq_len": seq_len, "seed": seed, "round_to": round_to,
+                "seq_len": seq_len, "seed": seed, "round_to": round_to, "uniform": uniform,
                 "plans": [p.to_json() for p in plans]}
     return PruneReport(params_before=params_before, params_after=params_after,
                        ratio_target=ratio if ratio is not None else float("nan"),

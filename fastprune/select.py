@@ -95,12 +95,19 @@ def predicted_params(graph: PruningGraph, plan: Plan) -> int:
 def select(graph: PruningGraph, scores: Scores, ratio: float | None = None, *,
            group_ratio: float | None = None, scope: str = "block",
            layers: tuple[int, int] | range | None = None, ranking: str = "local",
-           aggregation: str = "sum", round_to: int = 1, min_keep_heads: int = 1) -> Plan:
-    """Choose what to remove so that about ``ratio`` of all parameters go (see the module notes)."""
+           aggregation: str = "sum", round_to: int = 1, min_keep_heads: int = 1, uniform: bool = False) -> Plan:
+    """Choose what to remove so that about ``ratio`` of all parameters go (see the module notes).
+
+    ``uniform=True`` (block scope) removes the same number of head groups and of MLP channels in
+    every layer, all layers included, so the pruned model has one width per kind and a plain
+    Hugging Face config describes it.
+    """
+    if uniform and (scope != "block" or ranking != "local"):
+        raise FastpruneError("uniform pruning works with scope='block' and ranking='local'")
     _check_args(graph, scores, ratio, group_ratio, scope, ranking, round_to, min_keep_heads)
     settings = {"criterion": scores.criterion, "aggregation": aggregation, "scope": scope,
                 "ranking": ranking, "ratio": ratio, "group_ratio": group_ratio, "round_to": round_to,
-                "min_keep_heads": min_keep_heads}
+                "min_keep_heads": min_keep_heads, "uniform": uniform}
     plan = Plan(fingerprint=graph.fingerprint, group_sizes={g.name: g.size for g in graph.groups},
                 settings=settings)
     total = graph.total_params
@@ -111,7 +118,8 @@ def select(graph: PruningGraph, scores: Scores, ratio: float | None = None, *,
             plan.remove_layers = _select_layers(graph, scores, ratio, span)
     else:
         if scope == "block":
-            span = _layer_range(graph, layers, default=default_layers(graph.num_layers))
+            default = (0, graph.num_layers) if uniform else default_layers(graph.num_layers)
+            span = _layer_range(graph, layers, default=default)
             settings["layers"] = list(span)
             groups = [g for g in graph.groups if g.kind in ("heads", "channels")
                       and (g.layer is None or span[0] <= g.layer < span[1])]
@@ -130,7 +138,7 @@ def select(graph: PruningGraph, scores: Scores, ratio: float | None = None, *,
             if group_ratio is not None:
                 counts = [c.nearest(group_ratio * c.group.size) for c in cands]
             else:
-                counts = _solve(cands, ratio * total, ranking)
+                counts = _solve(cands, ratio * total, ranking, uniform)
             plan.keep = {c.group.name: c.kept(n) for c, n in zip(cands, counts) if n}
     achieved = 1 - predicted_params(graph, plan) / total
     settings["achieved"] = achieved
@@ -230,7 +238,7 @@ class _Candidate:
         return sorted(self.order[n:].tolist())
 
 
-def _solve(cands: list[_Candidate], target: float, ranking: str) -> list[int]:
+def _solve(cands: list[_Candidate], target: float, ranking: str, uniform: bool = False) -> list[int]:
     """Removal counts per candidate: local (shared ratio, MLP remainder, greedy rest) or global."""
     if ranking == "global":
         return _fill(cands, [0] * len(cands), target)
@@ -249,6 +257,8 @@ def _solve(cands: list[_Candidate], target: float, ranking: str) -> list[int]:
     # heads are coarse: keep the whole heads the shared ratio gave and spread the rest over channels
     rest = largest(lambda p: [n if c.group.kind == "heads" else max(n, c.nearest(p * c.group.size))
                               for n, c in zip(shared, cands)])
+    if uniform:  # the shared fractions give equal counts to equal-size groups; no per-group rest
+        return rest
     return _fill(cands, rest, target)
 
 

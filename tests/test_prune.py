@@ -114,3 +114,28 @@ def test_unseen_model_prunes_end_to_end():
     assert report.widths_after[0]["intermediate"] < 36
     with torch.no_grad():
         assert torch.isfinite(model(calib).logits).all()
+
+
+def test_uniform_pruning_saves_a_vanilla_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fastprune.io import save_pruned
+
+    model = _model()
+    report = fastprune.prune(model, 0.2, calib=_calib(), uniform=True, progress=False)
+    assert abs(report.ratio_achieved - 0.2) <= 0.01
+    widths = list(report.widths_after.values())
+    assert len(widths) == 4 and all(w == widths[0] for w in widths)
+    assert widths[0]["intermediate"] < 160
+    save_pruned(model, tmp_path / "ckpt", report=report)
+    config = (tmp_path / "ckpt" / "config.json").read_text()
+    assert "auto_map" not in config
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    x = _calib(seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_uniform_needs_block_scope():
+    with pytest.raises(FastpruneError, match="uniform"):
+        fastprune.prune(_model(), 0.2, calib=_calib(), scope="channel", uniform=True, progress=False)
