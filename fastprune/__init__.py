@@ -19,7 +19,7 @@ from fastprune.report import PruneReport
 __version__ = "0.1.0"
 
 __all__ = ["FastpruneError", "Group", "Plan", "PruneReport", "PruningGraph", "Slice", "apply", "discover",
-           "ops", "prune", "score", "select"]
+           "load_pruned", "ops", "prune", "recover", "save_pruned", "score", "select"]
 
 
 def __getattr__(name: str):
@@ -29,4 +29,10 @@ def __getattr__(name: str):
     if name == "select":
         from fastprune.select import select
         return select
+    if name == "recover":
+        from fastprune.recovery import recover
+        return recover
+    if name in ("save_pruned", "load_pruned"):
+        from fastprune import io
+        return getattr(io, name)
     raise AttributeError(f"module 'fastprune' has no attribute {name!r}")
