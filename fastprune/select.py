@@ -44,6 +44,7 @@ import math
 
 import torch
 
+from fastprune.apply import kept_indices
 from fastprune.errors import FastpruneError
 from fastprune.graph import Group, PruningGraph
 from fastprune.importance import Scores, aggregate
@@ -67,18 +68,7 @@ def predicted_params(graph: PruningGraph, plan: Plan) -> int:
     A weight index removed by two groups (a q_proj row of a removed head and a column of a
     removed hidden channel) is counted once.
     """
-    removed: dict[tuple[str, int], torch.Tensor] = {}
-    for g in graph.groups:
-        kept = plan.keep.get(g.name)
-        if kept is None or len(kept) == g.size:
-            continue
-        gone = torch.ones(g.size, dtype=torch.bool)
-        gone[torch.as_tensor(kept, dtype=torch.long)] = False
-        elements = gone.nonzero().flatten()
-        for sl in g.slices:
-            mask = removed.setdefault((sl.param, sl.dim),
-                                      torch.zeros(graph.param_shapes[sl.param][sl.dim], dtype=torch.bool))
-            mask[sl.indices(elements)] = True
+    kept = kept_indices(plan, graph)
     dropped = set(plan.remove_layers)
     total = 0
     for name, shape in graph.param_shapes.items():
@@ -86,8 +76,8 @@ def predicted_params(graph: PruningGraph, plan: Plan) -> int:
             continue
         n = 1
         for d, size in enumerate(shape):
-            mask = removed.get((name, d))
-            n *= size - (int(mask.sum()) if mask is not None else 0)
+            idx = kept.get((name, d))
+            n *= size if idx is None else len(idx)
         total += n
     return total
 
