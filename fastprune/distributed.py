@@ -26,19 +26,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fastprune.errors import FastpruneError
 from fastprune.graph import PruningGraph
 from fastprune.importance import (
-    CRITERIA,
     GRADIENT_FREE,
     Scores,
     _blocks,
     _check_calib,
+    _checked_params,
     _group_scores,
     _layer_scores,
     _lm_loss,
     _Partials,
-    _scored_params,
     _scoring_state,
     _Stream,
     score,
@@ -119,14 +117,7 @@ def score_distributed(model: torch.nn.Module, graph: PruningGraph, calib: torch.
             or criterion in GRADIENT_FREE:
         return score(model, graph, calib, criterion, batch_size=batch_size, seed=seed,
                      gradient_checkpointing=gradient_checkpointing, progress=progress)
-    if criterion not in CRITERIA:
-        raise FastpruneError(f"unknown criterion {criterion!r}; choose one of {CRITERIA}")
-    if batch_size is not None and batch_size < 1:
-        raise FastpruneError(f"batch_size must be at least 1, got {batch_size}")
-    params = _scored_params(model, graph)
-    missing = {sl.param for g in graph.groups for sl in g.slices} - set(params)
-    if missing:
-        raise FastpruneError(f"the graph names parameters this model does not have: {sorted(missing)[:4]}")
+    params = _checked_params(model, graph, criterion, batch_size)
     calib = _check_calib(calib, model)
     count = torch.tensor([calib.shape[0]], dtype=torch.long, device=calib.device)
     dist.all_reduce(count, group=group)

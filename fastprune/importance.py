@@ -287,16 +287,9 @@ def _layer_scores(graph, params, criterion, first, second) -> torch.Tensor:
     return out.float()
 
 
-def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | None = None,
-          criterion: str = "element1", *, batch_size: int | None = None, seed: int = 0,
-          gradient_checkpointing: bool = False, progress: bool = True) -> Scores:
-    """Score every element of every group of ``graph`` with ``criterion``.
-
-    ``calib`` is an ``(n, seq_len)`` LongTensor of token ids (the loss is the causal LM loss
-    with labels = inputs); gradient-free criteria need none.  ``batch_size`` splits the
-    first-order backward pass into micro-batches (see the module notes).  The model's
-    parameters, gradients, ``requires_grad`` flags and train/eval mode are left as they were.
-    """
+def _checked_params(model: torch.nn.Module, graph: PruningGraph, criterion: str,
+                    batch_size: int | None) -> dict[str, torch.nn.Parameter]:
+    """Validate the scoring arguments; the parameters the graph's slices reference."""
     if criterion not in CRITERIA:
         raise FastpruneError(f"unknown criterion {criterion!r}; choose one of {CRITERIA}")
     if batch_size is not None and batch_size < 1:
@@ -310,6 +303,20 @@ def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | Non
             if sl.dim > 1 or (sl.dim == 1 and len(graph.param_shapes[sl.param]) != 2):
                 raise FastpruneError(f"cannot score {sl.param} along dim {sl.dim}: only rows of any "
                                      "parameter and columns of 2-D ones are supported")
+    return params
+
+
+def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | None = None,
+          criterion: str = "element1", *, batch_size: int | None = None, seed: int = 0,
+          gradient_checkpointing: bool = False, progress: bool = True) -> Scores:
+    """Score every element of every group of ``graph`` with ``criterion``.
+
+    ``calib`` is an ``(n, seq_len)`` LongTensor of token ids (the loss is the causal LM loss
+    with labels = inputs); gradient-free criteria need none.  ``batch_size`` splits the
+    first-order backward pass into micro-batches (see the module notes).  The model's
+    parameters, gradients, ``requires_grad`` flags and train/eval mode are left as they were.
+    """
+    params = _checked_params(model, graph, criterion, batch_size)
     settings: dict[str, Any] = {"seed": seed}
     if criterion == "random":
         gen = torch.Generator().manual_seed(seed)
