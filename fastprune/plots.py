@@ -54,6 +54,11 @@ def plot_widths(widths_before: Mapping[Any, Mapping[str, int]], widths_after: Ma
     axes[-1, 0].set_xlabel("layer")
     if title:
         fig.suptitle(title)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (parents created) and release it."""
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,9 +85,4 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, metri
     ax.legend()
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
