@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fastprune.errors import FastpruneError
+from fastprune.report import json_safe
 
 CRITERIA = ("element1", "element2", "mix", "vectorwise", "l1", "l2", "random")
 BENCH_SCRIPTS = {"kernels": "bench_kernels.py", "prune": "bench_prune.py", "quality": "quality.py"}
@@ -238,24 +238,8 @@ def _sets(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return _jsonable(asdict(value))
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(_jsonable(data), indent=1) + "\n")
+    path.write_text(json.dumps(json_safe(data), indent=1) + "\n")
 
 
 def _run_dir(kind: str, explicit: str | None) -> Path:
@@ -598,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fastprune: interrupted", file=sys.stderr)
         return 130
     if getattr(args, "json", False) or args.command == "tune":  # tune's summary is its result as JSON
-        print(json.dumps(_jsonable(result), indent=1))
+        print(json.dumps(json_safe(result), indent=1))
     if args.command == "bench" and args.script:
         return int(result["returncode"])
     if args.command == "bench" and "compile" in result and not result["compile"]["ok"]:

@@ -28,7 +28,7 @@ import torch
 from fastprune.errors import FastpruneError
 from fastprune.plan import Plan
 from fastprune.remote import modeling_fastprune as remote
-from fastprune.report import PruneReport
+from fastprune.report import PruneReport, json_safe
 
 PLAN_FILE = "fastprune_plan.json"
 REPORT_FILE = "fastprune_report.json"
@@ -73,7 +73,7 @@ def save_pruned(model: torch.nn.Module, directory: str | os.PathLike, *, tokeniz
                                                                         indent=1)
             (tmp / PLAN_FILE).write_text(text)
         if report is not None:
-            (tmp / REPORT_FILE).write_text(json.dumps(_json_safe(report.to_dict()), indent=1))
+            (tmp / REPORT_FILE).write_text(json.dumps(json_safe(report.to_dict()), indent=1))
         if evaluation is None and report is not None:
             evaluation = report.settings.get("evaluation")
         card = _model_card(model, report, plans, base_model, evaluation, vanilla, target.name)
@@ -190,16 +190,6 @@ def _pruned_spec(model: torch.nn.Module, reference: torch.nn.Module) -> dict[str
             if _is_width(value) and getattr(ref, attr, None) != value:
                 attributes.setdefault(path, {})[attr] = list(value) if isinstance(value, tuple) else value
     return {"tensors": tensors, "attributes": attributes}
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _fsync_tree(root: Path) -> None:
