@@ -83,10 +83,9 @@ def apply(model: torch.nn.Module, plan: Plan, graph: PruningGraph | None = None)
     by_param: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
     for (name, dim), idx in keep.items():
         by_param[name].append((dim, idx))
-    from fastprune.discover import _layer_of
     with torch.no_grad():
         for name, dims in by_param.items():
-            if _layer_of(name, graph.layer_container) in removed_layers:
+            if graph.layer_of(name) in removed_layers:
                 continue
             p = params[name]
             data = p.data

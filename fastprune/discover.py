@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fastprune.errors import FastpruneError
-from fastprune.graph import Group, PruningGraph, Slice
+from fastprune.graph import Group, PruningGraph, Slice, layer_of
 from fastprune.overrides import override_for
 from fastprune.plan import model_fingerprint
 from fastprune.trace import TraceResult, trace_model
@@ -34,16 +34,6 @@ def find_layer_container(model: torch.nn.Module) -> tuple[str | None, int]:
         if n > best_params:
             best, best_params, best_len = name, n, len(mod)
     return best, best_len
-
-
-def _layer_of(param: str, container: str | None) -> int | None:
-    if container is None:
-        return None
-    prefix = container + "."
-    if not param.startswith(prefix):
-        return None
-    head = param[len(prefix):].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
 
 
 def _common_prefix(names: list[str]) -> str:
@@ -139,7 +129,7 @@ def _build_groups(result: TraceResult, shapes, container: str | None) -> list[Gr
         if leaf in blocked or size <= 1:
             continue
         sls = sorted(slices[leaf], key=lambda s: (param_order[s.param], s.dim))
-        layers = {_layer_of(s.param, container) for s in sls}
+        layers = {layer_of(s.param, container) for s in sls}
         if leaf in attention:
             kind = "heads"
         elif len(layers) > 1:

@@ -18,6 +18,14 @@ import torch
 GROUP_KINDS = ("heads", "channels", "hidden")
 
 
+def layer_of(param: str, container: str | None) -> int | None:
+    """Index of the repeated block holding ``param`` (``container.<i>.…``), or None."""
+    if container is None or not param.startswith(container + "."):
+        return None
+    head = param[len(container) + 1:].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
 @dataclass(frozen=True)
 class Slice:
     """The part of one parameter dimension that belongs to a group.
@@ -100,6 +108,10 @@ class PruningGraph:
             if g.name == name:
                 return g
         raise KeyError(f"no group named {name!r}; groups are {[g.name for g in self.groups][:8]}...")
+
+    def layer_of(self, param: str) -> int | None:
+        """Index of the removable layer holding ``param``, or None."""
+        return layer_of(param, self.layer_container)
 
     def groups_of(self, kind: str) -> list[Group]:
         return [g for g in self.groups if g.kind == kind]

@@ -190,17 +190,8 @@ def _lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def _scored_params(model: torch.nn.Module, graph: PruningGraph) -> dict[str, torch.nn.Parameter]:
     """Every parameter a slice references or a layer holds, in model order."""
     wanted = {sl.param for g in graph.groups for sl in g.slices}
-    wanted |= {n for n in graph.param_shapes if _layer(n, graph) is not None}
+    wanted |= {n for n in graph.param_shapes if graph.layer_of(n) is not None}
     return {n: p for n, p in model.named_parameters() if n in wanted}
-
-
-def _layer(name: str, graph: PruningGraph) -> int | None:
-    if graph.layer_container is None:
-        return None
-    head = name[len(graph.layer_container) + 1:].split(".", 1)[0]
-    if not name.startswith(graph.layer_container + ".") or not head.isdigit():
-        return None
-    return int(head)
 
 
 def _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress):
@@ -281,7 +272,7 @@ def _group_scores(group: Group, criterion, first, second, blocks) -> torch.Tenso
 def _layer_scores(graph, params, criterion, first, second) -> torch.Tensor:
     out = torch.zeros(graph.num_layers, dtype=torch.float64)
     for name in params:
-        layer = _layer(name, graph)
+        layer = graph.layer_of(name)
         if layer is not None and layer < graph.num_layers:
             out[layer] += float(_combine(criterion, first, second, name, 0, slice(None)))
     return out.float()

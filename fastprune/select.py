@@ -72,7 +72,7 @@ def predicted_params(graph: PruningGraph, plan: Plan) -> int:
     dropped = set(plan.remove_layers)
     total = 0
     for name, shape in graph.param_shapes.items():
-        if _layer_of(graph, name) in dropped:
+        if graph.layer_of(name) in dropped:
             continue
         n = 1
         for d, size in enumerate(shape):
@@ -163,14 +163,6 @@ def _check_args(graph, scores, ratio, group_ratio, scope, ranking, round_to, min
     if scores.fingerprint != graph.fingerprint:
         raise FastpruneError(f"these scores were computed for another model (fingerprint {scores.fingerprint},"
                              f" graph {graph.fingerprint})")
-
-
-def _layer_of(graph: PruningGraph, name: str) -> int | None:
-    prefix = f"{graph.layer_container}."
-    if graph.layer_container is None or not name.startswith(prefix):
-        return None
-    head = name[len(prefix):].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
 
 
 def _layer_range(graph: PruningGraph, layers, default: tuple[int, int]) -> tuple[int, int]:
@@ -294,7 +286,7 @@ def _select_layers(graph: PruningGraph, scores: Scores, ratio: float, span: tupl
                              f"{graph.num_layers} layers")
     sizes = [0] * graph.num_layers
     for name, shape in graph.param_shapes.items():
-        layer = _layer_of(graph, name)
+        layer = graph.layer_of(name)
         if layer is not None and layer < graph.num_layers:
             sizes[layer] += math.prod(shape)
     cands = [i for i in range(span[0], span[1])]
