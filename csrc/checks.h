@@ -47,6 +47,13 @@ inline void check_taylor_args(const at::Tensor& weight, const at::Tensor& grad, 
 }
 
 // Returns dim wrapped into [0, src.dim()).
+// A column-major pair (e.g. a transposed view) is the row-major Taylor problem with rows and
+// columns swapped: both backends then read along the unit-stride dimension.
+inline bool is_column_major_pair(const at::Tensor& weight, const at::Tensor& grad) {
+  return weight.stride(0) == 1 && grad.stride(0) == 1 && weight.size(0) > 1 &&
+         (weight.stride(1) != 1 || grad.stride(1) != 1);
+}
+
 inline int64_t check_gather_args(const at::Tensor& src, int64_t dim, const at::Tensor& index,
                                  at::DeviceType device) {
   TORCH_CHECK(src.layout() == at::kStrided, "gather: src must be a dense tensor");

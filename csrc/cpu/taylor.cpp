@@ -134,10 +134,7 @@ void taylor_impl(const at::Tensor& w, const at::Tensor& g, const at::Tensor& row
 void taylor_accumulate_cpu(const at::Tensor& weight, const at::Tensor& grad, const at::Tensor& rows,
                            const at::Tensor& cols, int64_t row_block, int64_t col_block) {
   check_taylor_args(weight, grad, rows, cols, row_block, col_block, at::kCPU);
-  // A column-major pair (e.g. a transposed view) is the row-major problem with roles swapped.
-  const bool column_major = weight.stride(0) == 1 && grad.stride(0) == 1 && weight.size(0) > 1 &&
-                            (weight.stride(1) != 1 || grad.stride(1) != 1);
-  if (column_major) {
+  if (is_column_major_pair(weight, grad)) {
     taylor_impl(weight.t(), grad.t(), cols, rows, col_block, row_block);
   } else {
     taylor_impl(weight, grad, rows, cols, row_block, col_block);

@@ -65,10 +65,7 @@ void taylor_accumulate_cuda(const at::Tensor& weight, const at::Tensor& grad, co
                             const at::Tensor& cols, int64_t row_block, int64_t col_block) {
   check_taylor_args(weight, grad, rows, cols, row_block, col_block, at::kCUDA);
   const c10::cuda::CUDAGuard guard(weight.device());
-  // Coalesced reads need unit column stride: run a column-major pair as the transposed problem.
-  const bool column_major = weight.stride(0) == 1 && grad.stride(0) == 1 && weight.size(0) > 1 &&
-                            (weight.stride(1) != 1 || grad.stride(1) != 1);
-  if (column_major) {
+  if (is_column_major_pair(weight, grad)) {
     taylor_launch(weight.t(), grad.t(), cols, rows, col_block, row_block);
   } else {
     taylor_launch(weight, grad, rows, cols, row_block, col_block);
