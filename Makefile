@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast lint cuda-compile
+.PHONY: setup demo test test-fast compat lint cuda-compile
 
 setup:
 	bash scripts/setup.sh
@@ -17,6 +17,11 @@ test: setup
 
 test-fast:
 	$(PY) -m pytest -q -m "not slow"
+
+# the fast tests at the oldest supported transformers, peft, accelerate ... (README "Supported versions");
+# reuses the C++ extension `make setup` built (or builds it), in a second venv, .venv-low
+compat:
+	bash scripts/compat.sh
 
 lint:
 	$(VENV)/bin/ruff check .

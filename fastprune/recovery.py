@@ -331,6 +331,9 @@ def recover(model: torch.nn.Module, data: Any, *, tokenizer: Any = None, r: int 
     peft_model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
+    # transformers 5.23 renamed TrainingArguments.gradient_checkpointing* to activation_checkpointing*
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
     with tempfile.TemporaryDirectory(prefix="fastprune-tune-") as scratch:
         args = TrainingArguments(
             output_dir=str(out / "checkpoints") if out is not None else scratch,
@@ -338,8 +341,8 @@ def recover(model: torch.nn.Module, data: Any, *, tokenizer: Any = None, r: int 
             gradient_accumulation_steps=batch_size // (micro_batch_size * world),
             learning_rate=lr, num_train_epochs=epochs, max_steps=max_steps or -1, warmup_steps=warmup_steps,
             weight_decay=weight_decay, lr_scheduler_type="linear", optim="adamw_torch",
-            bf16=bf16, activation_checkpointing=gradient_checkpointing,
-            activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+            bf16=bf16, **{ckpt: gradient_checkpointing,
+                          f"{ckpt}_kwargs": {"use_reentrant": False} if gradient_checkpointing else None},
             logging_steps=logging_steps, save_strategy="steps" if out is not None else "no",
             save_steps=save_every, save_total_limit=keep_checkpoints, seed=seed, data_seed=seed,
             report_to="none", disable_tqdm=not progress, remove_unused_columns=False,

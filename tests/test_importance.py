@@ -253,7 +253,7 @@ def test_micro_batches_and_checkpointing_give_the_same_scores(criterion):
     whole = score(model, graph, ids, criterion, progress=False)
     split = score(model, graph, ids, criterion, batch_size=3, progress=False)
     ckpt = score(model, graph, ids, criterion, gradient_checkpointing=True, progress=False)
-    assert not model.is_activation_checkpointing and not model.training
+    assert not importance._is_checkpointing(model) and not model.training
     for other in (split, ckpt):
         for name in whole.groups:
             torch.testing.assert_close(other.groups[name], whole.groups[name], rtol=1e-4, atol=1e-9)
