@@ -12,14 +12,15 @@ from fastprune.apply import apply
 from fastprune.discover import discover
 from fastprune.errors import FastpruneError
 from fastprune.graph import Group, PruningGraph, Slice
+from fastprune.overrides import Override, register_override
 from fastprune.plan import Plan
 from fastprune.prune import prune
 from fastprune.report import PruneReport
 
 __version__ = "0.1.0"
 
-__all__ = ["FastpruneError", "Group", "Plan", "PruneReport", "PruningGraph", "Slice", "apply", "discover",
-           "load_pruned", "ops", "prune", "recover", "save_pruned", "score", "select"]
+__all__ = ["FastpruneError", "Group", "Override", "Plan", "PruneReport", "PruningGraph", "Slice", "apply", "discover",
+           "load_pruned", "ops", "prune", "recover", "register_override", "save_pruned", "score", "select"]
 
 
 def __getattr__(name: str):

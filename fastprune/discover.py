@@ -10,7 +10,7 @@ import torch
 
 from fastprune.errors import FastpruneError
 from fastprune.graph import Group, PruningGraph, Slice, layer_of
-from fastprune.overrides import override_for
+from fastprune.overrides import override_for, unmapped_op_hint
 from fastprune.plan import model_fingerprint
 from fastprune.trace import TraceResult, trace_model
 
@@ -73,7 +73,7 @@ def discover(model: torch.nn.Module, input_ids: torch.Tensor | None = None) -> P
                              "free to shrink and no repeated layers")
     graph = PruningGraph(groups=groups, layer_container=container, num_layers=num_layers,
                          param_shapes=shapes, fingerprint=model_fingerprint(model),
-                         warnings=list(dict.fromkeys(result.unmapped)))
+                         warnings=[unmapped_op_hint(model, w) for w in dict.fromkeys(result.unmapped)])
     graph.attribute_links = _attribute_links(model, result, groups, graph)
     return graph
 
@@ -109,6 +109,12 @@ def _heads_per_element(slices: list[Slice], root: list[int]) -> int:
     """Query heads per element: q rows per element over k rows per element (GQA repeat)."""
     widths = [slices[i].width for i in root]
     return max(widths) // min(widths)
+
+
+def _stacked_experts(slices: list[Slice], shapes) -> int:
+    """Experts stacked along dim 0 of the 3-D weights a channel group lies in (0 when none)."""
+    counts = {shapes[s.param][0] for s in slices if len(shapes[s.param]) == 3 and s.dim != 0}
+    return counts.pop() if len(counts) == 1 else 0
 
 
 def _build_groups(result: TraceResult, shapes, container: str | None) -> list[Group]:
@@ -158,7 +164,8 @@ def _build_groups(result: TraceResult, shapes, container: str | None) -> list[Gr
         groups.append(Group(name=name, kind=kind, layer=layer, size=size, slices=sls, root=root,
                             heads_per_element=_heads_per_element(sls, root) if kind == "heads" else 0,
                             kv_heads_per_element=int(kind == "heads" and len(root) > 1),
-                            normalized=leaf in reduced))
+                            normalized=leaf in reduced,
+                            experts=_stacked_experts(sls, shapes) if kind == "channels" else 0))
         groups[-1]._leaf = leaf  # type: ignore[attr-defined]
     return groups
 

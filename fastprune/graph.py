@@ -63,7 +63,9 @@ class Group:
     only those.  ``heads_per_element`` is the number of query heads one element
     removes (``rep`` under GQA, 1 under MHA) and is 0 for non-attention groups;
     ``kv_heads_per_element`` is 1 when an element owns its key/value head, 0 under multi-query
-    attention (one shared kv head, query heads are the elements).
+    attention (one shared kv head, query heads are the elements).  ``experts`` is the number of
+    stacked experts (dim 0 of 3-D expert weights) a channel group spans, 0 for a dense MLP: element
+    ``j`` is channel ``j`` of every expert of the layer.
     """
 
     name: str
@@ -75,6 +77,7 @@ class Group:
     heads_per_element: int = 0
     kv_heads_per_element: int = 0  # 1 when an element is a kv head; 0 for multi-query query heads
     normalized: bool = False  # a norm averages over this space (hidden dim): not exact to mask
+    experts: int = 0  # stacked experts whose channel j every element removes (MoE), 0 for dense
 
     def params_per_element(self, shapes: dict[str, tuple[int, ...]]) -> int:
         """Parameters one element of this group removes (each index counted once)."""
@@ -138,6 +141,7 @@ class PruningGraph:
             for g in groups:
                 where = "all layers" if g.layer is None else f"layer {g.layer}"
                 unit = f" ({g.heads_per_element} query heads each)" if kind == "heads" else ""
+                unit = f" (in each of {g.experts} experts)" if g.experts else unit
                 lines.append(f"  {g.name}  [{where}]  {g.size} elements{unit} x "
                              f"{g.params_per_element(self.param_shapes):,} params")
                 shown = []

@@ -95,6 +95,11 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t.view(t.shape[0], -1) if t.dim() != 1 else t.view(-1, 1)
 
 
+def _axis(shape, dim: int) -> int:
+    """The partial (0: rows, 1: columns) that holds ``dim``; a 3-D expert stack [E, A, B] keeps A and B."""
+    return dim - 1 if len(shape) == 3 and dim > 0 else dim
+
+
 def _blocks(graph: PruningGraph, names: list[str]) -> dict[str, tuple[int, int]]:
     """Row/column block per parameter: the widest block every slice on that dim is made of.
 
@@ -109,9 +114,10 @@ def _blocks(graph: PruningGraph, names: list[str]) -> dict[str, tuple[int, int]]
     for name in names:
         shape = graph.param_shapes[name]
         extent = (shape[0], math.prod(shape[1:])) if len(shape) != 1 else (shape[0], 1)
+        extent = tuple(shape[1:]) if len(shape) == 3 else extent  # experts summed, see _Partials.add
         blocks = []
         for d in (0, 1):
-            slices = on_dim.get((name, d))
+            slices = on_dim.get((name, d + (len(shape) == 3)))
             if not slices:
                 blocks.append(extent[d])
                 continue
@@ -134,18 +140,23 @@ class _Partials:
         self.blocks = blocks
         self.rows: dict[str, torch.Tensor] = {}
         self.cols: dict[str, torch.Tensor] = {}
+        self.shapes = {name: tuple(p.shape) for name, p in params.items()}
         for name, p in params.items():
-            r, c = _as_2d(p).shape
+            r, c = p.shape[1:] if p.dim() == 3 else _as_2d(p).shape
             rb, cb = blocks[name]
             self.rows[name] = torch.zeros(3, r // rb, dtype=torch.float32, device=p.device)
             self.cols[name] = torch.zeros(3, c // cb, dtype=torch.float32, device=p.device)
 
     def add(self, name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
         rb, cb = self.blocks[name]
+        if weight.dim() == 3:  # stacked experts [E, A, B]: partials along A and B, summed over experts
+            for w, g in zip(weight, grad):
+                taylor_accumulate_(w, g, self.rows[name], self.cols[name], rb, cb)
+            return
         taylor_accumulate_(_as_2d(weight), _as_2d(grad), self.rows[name], self.cols[name], rb, cb)
 
     def along(self, name: str, dim: int) -> torch.Tensor:
-        return self.rows[name] if dim == 0 else self.cols[name]
+        return self.rows[name] if _axis(self.shapes[name], dim) == 0 else self.cols[name]
 
 
 class _Stream:
@@ -231,8 +242,8 @@ def _magnitude_partials(params, blocks) -> _Partials:
     acc = _Partials(params, blocks)
     with torch.no_grad():
         for name, p in params.items():
-            w = _as_2d(p.detach())
-            acc.add(name, w, torch.ones((1, 1), dtype=w.dtype, device=w.device).expand(w.shape))
+            w = p.detach() if p.dim() == 3 else _as_2d(p.detach())
+            acc.add(name, w, torch.ones((1,) * w.dim(), dtype=w.dtype, device=w.device).expand(w.shape))
     return acc
 
 
@@ -264,7 +275,8 @@ def _group_scores(group: Group, criterion, first, second, blocks) -> torch.Tenso
     rows = []
     for sl in group.slices:
         acc = first if first is not None else second
-        idx = _slice_index(sl, group.size, blocks[sl.param][sl.dim]).to(acc.rows[sl.param].device)
+        block = blocks[sl.param][_axis(acc.shapes[sl.param], sl.dim)]
+        idx = _slice_index(sl, group.size, block).to(acc.rows[sl.param].device)
         rows.append(_combine(criterion, first, second, sl.param, sl.dim, idx))
     return torch.stack(rows).float().cpu()
 
@@ -291,9 +303,10 @@ def _checked_params(model: torch.nn.Module, graph: PruningGraph, criterion: str,
         raise FastpruneError(f"the graph names parameters this model does not have: {sorted(missing)[:4]}")
     for g in graph.groups:
         for sl in g.slices:
-            if sl.dim > 1 or (sl.dim == 1 and len(graph.param_shapes[sl.param]) != 2):
-                raise FastpruneError(f"cannot score {sl.param} along dim {sl.dim}: only rows of any "
-                                     "parameter and columns of 2-D ones are supported")
+            ndim = len(graph.param_shapes[sl.param])
+            if (sl.dim not in (1, 2)) if ndim == 3 else (sl.dim > 1 or (sl.dim == 1 and ndim != 2)):
+                raise FastpruneError(f"cannot score {sl.param} along dim {sl.dim}: only rows of any parameter, "
+                                     "columns of 2-D ones and dims 1, 2 of 3-D expert stacks are supported")
     return params
 
 
@@ -338,13 +351,20 @@ def _check_calib(calib, model) -> torch.Tensor:
     return calib.to(next(model.parameters()).device)
 
 
+def _is_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether a Hugging Face model checkpoints activations (``is_gradient_checkpointing`` before transformers 5.23)."""
+    new = "is_activation_checkpointing"
+    name = new if hasattr(model, new) else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
 @contextmanager
 def _scoring_state(model: torch.nn.Module, params: dict, checkpointing: bool):
     """Only scored parameters require grad and no old gradient mixes in; all restored on exit."""
     training = model.training
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     grads = {n: p.grad for n, p in model.named_parameters()}
-    was_checkpointing = bool(getattr(model, "is_activation_checkpointing", False))
+    was_checkpointing = _is_checkpointing(model)
     try:
         for n, p in model.named_parameters():
             p.grad = None

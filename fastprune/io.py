@@ -3,10 +3,11 @@
 A checkpoint is a Hugging Face model directory.  When every layer keeps the same widths the
 config alone describes the model and vanilla ``from_pretrained`` loads it.  Otherwise
 ``config.json`` lists, under ``fastprune``, every tensor shape and integer module attribute that
-differs from the architecture its config describes, and names the copied
+differs from the architecture its config describes, plus the state a family override attached
+to modules (``overrides``: BLOOM's kept ALiBi heads per layer), and names the copied
 ``modeling_fastprune.py`` in ``auto_map`` so ``from_pretrained(..., trust_remote_code=True)``
-rebuilds them.  Writes go to a temporary sibling directory that replaces the target only once
-everything is on disk.
+rebuilds them.  Everything is JSON; no pickle is written.  Writes go to a temporary sibling
+directory that replaces the target only once everything is on disk.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from fastprune.errors import FastpruneError
+from fastprune.overrides import restore_state, saved_state
 from fastprune.plan import Plan
 from fastprune.remote import modeling_fastprune as remote
 from fastprune.report import PruneReport, json_safe
@@ -144,9 +146,12 @@ def _write_config(model: torch.nn.Module, directory: Path) -> bool:
     with torch.device("meta"):
         reference = base._from_config(config)
     spec = _pruned_spec(model, reference)
+    states = saved_state(model)
+    if states:  # per-layer state of a family override (e.g. each layer's ALiBi heads): remote code restores it
+        spec["overrides"] = states
     # shapes decide: when every tensor matches, the config describes the model, and the module
     # attributes it builds are the right ones (pruning can leave unused stale ones, e.g. hidden_size)
-    if spec["tensors"]:
+    if spec["tensors"] or states:
         data[remote.SPEC_KEY] = spec
         data["auto_map"] = AUTO_MAP
     else:
@@ -356,6 +361,7 @@ def load_pruned(directory: str | os.PathLike, dtype: torch.dtype | None = None,
     empty = [n for n, t in _named_tensors(model).items() if t.is_meta]
     if empty:
         raise FastpruneError(f"tensor {empty[0]!r} was not filled from the checkpoint")
+    restore_state(model, (getattr(config, remote.SPEC_KEY, None) or {}).get("overrides") or {})
     model.to(device).eval()
     tokenizer = None
     if (root / "tokenizer_config.json").is_file():

@@ -1,27 +1,37 @@
 """Declarative help for what tracing alone cannot decide, per model family.
 
-Discovery needs no model-specific code for most families.  Two things can still need help:
+Discovery needs no model-specific code for most families.  Three things can still need help:
 
-- a per-head constant built inside the forward pass from factory ops (BLOOM's ALiBi slopes):
-  tracing blocks factory-made constants, because a fixed-size constant cannot shrink with a
+- a per-head constant built once for the whole model (BLOOM's ALiBi slopes, Baichuan-13B's ALiBi
+  mask buffer): tracing blocks constants, because a fixed-size constant cannot shrink with a
   channel space.  ``free_constants=True`` lets such constants follow the spaces they meet; the
-  override's ``adapt`` must then keep them in step after pruning;
-- a coupling the tracer cannot see (an op it has no rule for): ``couplings`` declares pairs of
-  ``(param, dim)`` that share one channel space.
+  override's ``adapt`` must then keep them in step after pruning (:func:`slice_head_rows` makes
+  each pruned attention module select its kept heads' rows);
+- a coupling the tracer cannot see (an op it has no rule for, e.g. a custom kernel):
+  ``couplings`` declares pairs of ``(param, dim)`` that share one channel space.  A declared
+  coupling is trusted: its space is pruned even where an unmapped op touched it;
+- state that ``adapt`` attaches to modules and a saved checkpoint must carry: ``save_state(model)``
+  returns it as JSON-friendly data, stored in ``config.json``; ``restore(model, state)`` re-applies
+  it when the checkpoint is loaded.  ``fastprune.load_pruned`` calls the registered ``restore``;
+  ``from_pretrained(..., trust_remote_code=True)`` looks the key up in the copied
+  ``modeling_fastprune.py`` (``RESTORERS``), which knows the built-in families only.
 
 Register your own with :func:`register_override` (keyed by ``config.model_type`` or the model
-class name).
+class name; ``when`` narrows a key shared by variants that differ).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from fastprune.errors import FastpruneError
 from fastprune.graph import PruningGraph
 from fastprune.plan import Plan
+from fastprune.remote import modeling_fastprune as remote
 
 
 @dataclass
@@ -31,6 +41,9 @@ class Override:
     free_constants: bool = False
     couplings: list[tuple[tuple[str, int], tuple[str, int]]] = field(default_factory=list)
     adapt: Callable[[torch.nn.Module, Plan, PruningGraph], None] | None = None
+    save_state: Callable[[torch.nn.Module], dict[str, Any]] | None = None
+    restore: Callable[[torch.nn.Module, dict[str, Any]], None] | None = None
+    when: Callable[[torch.nn.Module], bool] | None = None
 
 
 _OVERRIDES: dict[str, Override] = {}
@@ -38,37 +51,90 @@ _OVERRIDES: dict[str, Override] = {}
 
 def register_override(key: str, override: Override) -> None:
     """Use ``override`` for models whose ``config.model_type`` or class name is ``key``."""
+    if (override.save_state is None) != (override.restore is None):
+        raise FastpruneError(f"override {key!r}: save_state and restore go together (what is saved must be "
+                             "restored on load)")
     _OVERRIDES[key] = override
+
+
+def override_key(model: torch.nn.Module) -> str | None:
+    """The key of the override registered for ``model`` (model type first, then class name), if any."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for key in (model_type, type(model).__name__):
+        override = _OVERRIDES.get(key) if key else None
+        if override is not None and (override.when is None or override.when(model)):
+            return key
+    return None
 
 
 def override_for(model: torch.nn.Module) -> Override | None:
     """The registered override of ``model``, if any."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return _OVERRIDES.get(model_type) or _OVERRIDES.get(type(model).__name__)
+    key = override_key(model)
+    return None if key is None else _OVERRIDES[key]
 
 
-def _slice_alibi(model: torch.nn.Module, plan: Plan, graph: PruningGraph) -> None:
-    """BLOOM builds ALiBi slopes once for all heads; each pruned layer keeps its heads' rows."""
-    for group in graph.groups_of("heads"):
-        if group.name not in plan.keep or group.layer in plan.remove_layers:
-            continue
-        attn = model.get_submodule(group.name)
-        kept = torch.tensor(plan.keep[group.name], dtype=torch.long)
-        previous = getattr(attn, "_fastprune_alibi_heads", None)
-        attn._fastprune_alibi_heads = kept if previous is None else previous[kept]
-        if previous is not None:
-            continue  # already wrapped by an earlier step: the index above composes
-        total = group.size * group.heads_per_element
-        original = attn.forward
-
-        def forward(*args, _attn=attn, _original=original, _total=total, **kwargs):
-            alibi = kwargs["alibi"]
-            rows = alibi.view(-1, _total, *alibi.shape[1:])
-            heads = _attn._fastprune_alibi_heads.to(alibi.device)
-            kwargs["alibi"] = rows.index_select(1, heads).reshape(-1, *alibi.shape[1:])
-            return _original(*args, **kwargs)
-
-        attn.forward = forward
+def saved_state(model: torch.nn.Module) -> dict[str, Any]:
+    """``{override key: state}`` for a checkpoint of ``model`` (empty when there is nothing to save)."""
+    key = override_key(model)
+    override = None if key is None else _OVERRIDES[key]
+    if override is None or override.save_state is None:
+        return {}
+    state = override.save_state(model)
+    return {key: state} if state else {}
 
 
-register_override("bloom", Override(free_constants=True, adapt=_slice_alibi))
+def restore_state(model: torch.nn.Module, states: dict[str, Any]) -> None:
+    """Re-apply the override states a checkpoint saved (see :func:`saved_state`)."""
+    for key, state in states.items():
+        override = _OVERRIDES.get(key)
+        if override is None or override.restore is None:
+            raise FastpruneError(f"the checkpoint carries state of override {key!r}, but no override with a restore "
+                                 f"function is registered under that key: call fastprune.register_override({key!r}, "
+                                 "Override(..., save_state=..., restore=...)) before loading")
+        override.restore(model, state)
+
+
+def unmapped_op_hint(model: torch.nn.Module, message: str) -> str:
+    """``message`` (an op the tracer could not map, and its module) with what it means and the fix."""
+    config = getattr(model, "config", None)
+    key = getattr(config, "model_type", None) or type(model).__name__
+    return (f"{message}: every dimension it touches stays unpruned unless a declared coupling names it. If the op "
+            f"keeps channels apart (it works per channel), declare the coupling it hides: "
+            f"fastprune.register_override({key!r}, fastprune.Override(couplings=[((producer_param, out_dim), "
+            "(consumer_param, in_dim))]))")
+
+
+def slice_head_rows(argument: str, layout: str) -> Callable[[torch.nn.Module, Plan, PruningGraph], None]:
+    """An ``adapt``: each pruned attention module selects its kept heads' rows of ``argument``.
+
+    ``argument`` is the attention module's forward argument holding the model-wide per-head tensor;
+    ``layout`` is one of ``modeling_fastprune.HEAD_LAYOUTS``.  Iterative steps compose: the rows
+    kept are always indices of the original heads.
+    """
+    if layout not in remote.HEAD_LAYOUTS:
+        raise FastpruneError(f"unknown head layout {layout!r}; choose one of {remote.HEAD_LAYOUTS}")
+
+    def adapt(model: torch.nn.Module, plan: Plan, graph: PruningGraph) -> None:
+        for group in graph.groups_of("heads"):
+            if group.name not in plan.keep or group.layer in plan.remove_layers:
+                continue
+            module = model.get_submodule(group.name)
+            per = max(group.heads_per_element, 1)
+            heads = [e * per + j for e in plan.keep[group.name] for j in range(per)]
+            previous = remote.head_rows(module)
+            remote.set_head_rows(module, heads if previous is None else [previous[h] for h in heads], argument,
+                                 layout)
+
+    return adapt
+
+
+def _builds_alibi_mask(model: torch.nn.Module) -> bool:
+    """Baichuan-13B and Baichuan2-13B (ALiBi) build their mask in ``get_alibi_mask``; the 7B models use RoPE."""
+    return any(callable(getattr(m, "get_alibi_mask", None)) for m in model.modules())
+
+
+register_override("bloom", Override(free_constants=True, adapt=slice_head_rows("alibi", "batch_x_heads"),
+                                    save_state=remote.head_rows_state, restore=remote.restore_head_rows))
+register_override("baichuan", Override(free_constants=True, adapt=slice_head_rows("attention_mask", "heads_q_k"),
+                                       save_state=remote.head_rows_state, restore=remote.restore_head_rows,
+                                       when=_builds_alibi_mask))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from fastprune.apply import apply, layer_widths
+from fastprune.apply import apply, kept_indices, layer_widths, update_config
 from fastprune.discover import discover
 from fastprune.errors import FastpruneError
 from fastprune.graph import PruningGraph
@@ -56,7 +60,10 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
     prunes iteratively with fresh scores each step.  ``scores`` reuses saved scores (one step
     only); ``plan`` applies a ready plan; ``dry_run`` computes the plan and the report without
     touching the model.  ``uniform`` prunes every layer by the same amount (block scope), so the
-    result saves with a plain config that any Hugging Face loader reads.
+    result saves with a plain config that any Hugging Face loader reads; what that config cannot
+    express (BLOOM derives head_dim from hidden/n_head and has no MLP width field) is left
+    unpruned, with a warning.  Warnings (also discovery's) are issued and kept in
+    ``report.settings["warnings"]``.
     Returns a :class:`PruneReport` (the plan is in ``report.settings``).
     """
     from fastprune.importance import score
@@ -80,6 +87,11 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
     params_before = graph.total_params
     widths_before = layer_widths(model, graph)
     plans: list[Plan] = []
+    notes: list[str] = []
+    _note(notes, graph.warnings)
+    excluded: dict[str, str] = {}  # uniform: group kinds the config cannot express -> why
+    if uniform and plan is None:
+        excluded = _config_limits(model, graph, notes)
     for step in range(1, steps + 1):
         if plan is not None:
             step_plan = plan
@@ -100,12 +112,17 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
                 remaining = params_before * (1 - ratio * step / steps)
                 target = max(0.0, 1 - remaining / graph.total_params)
             step_group_ratio = None if group_ratio is None else 1 - (1 - group_ratio) ** (1 / steps)
+
+            def choose(view: PruningGraph, step_scores=step_scores, target=target,
+                       step_group_ratio=step_group_ratio) -> Plan:
+                return select(view, step_scores, target if group_ratio is None else None,
+                              group_ratio=step_group_ratio, scope=scope, layers=layers, ranking=ranking,
+                              aggregation=aggregation, round_to=round_to, uniform=uniform)
+
             with stage(stages, "selection", device):
-                step_plan = select(graph, step_scores, target if group_ratio is None else None,
-                                   group_ratio=step_group_ratio, scope=scope, layers=layers,
-                                   ranking=ranking, aggregation=aggregation, round_to=round_to,
-                                   uniform=uniform)
+                step_plan = _uniform_plan(model, graph, choose, excluded) if uniform else choose(graph)
         plans.append(step_plan)
+        step_widths = layer_widths(model, graph, step_plan)  # before apply: the config still matches the graph
         if dry_run:
             break
         with stage(stages, "compaction", device):
@@ -113,6 +130,7 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
         if step < steps:
             with stage(stages, "discovery", device):
                 graph = discover(model)
+            _note(notes, graph.warnings)
     last = plans[-1]
     if dry_run:
         from fastprune.select import predicted_params
@@ -123,16 +141,131 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
     original_index = list(range(original.num_layers))
     for p in plans[:-1]:
         original_index = [x for j, x in enumerate(original_index) if j not in set(p.remove_layers)]
-    widths_after = {original_index[i]: w for i, w in layer_widths(model, graph, last).items()}
+    widths_after = {original_index[i]: w for i, w in step_widths.items()}
     hidden_after = _hidden_size(graph, last)
     layers_after = graph.num_layers - len(last.remove_layers)
     settings = {"criterion": criterion, "scope": scope, "ranking": ranking, "aggregation": aggregation,
                 "ratio": ratio, "group_ratio": group_ratio, "steps": steps, "n_samples": n_samples,
                 "seq_len": seq_len, "seed": seed, "round_to": round_to, "uniform": uniform,
-                "plans": [p.to_json() for p in plans]}
+                "plans": [p.to_json() for p in plans], "warnings": notes}
     return PruneReport(params_before=params_before, params_after=params_after,
                        ratio_target=ratio if ratio is not None else float("nan"),
                        widths_before=widths_before, widths_after=widths_after,
                        hidden_before=_hidden_size(original), hidden_after=hidden_after,
                        layers_before=original.num_layers, layers_after=layers_after, stages=stages,
                        settings=settings, dry_run=dry_run)
+
+
+def _note(notes: list[str], new: list[str]) -> None:
+    """Keep and issue each warning once."""
+    for text in new:
+        if text not in notes:
+            notes.append(text)
+            warnings.warn(text, stacklevel=3)
+
+
+_KIND_NAMES = {"heads": "attention heads", "channels": "MLP channels", "hidden": "hidden channels"}
+
+
+def _config_limits(model: torch.nn.Module, graph: PruningGraph, notes: list[str]) -> dict[str, str]:
+    """Block-scope kinds that ``uniform`` cannot prune because the model's config cannot express them.
+
+    Each kind is probed with plans that leave every group of that kind the same smaller width (the
+    reason kept is a shape mismatch where some width builds at all).  Raises when no kind is left.
+    """
+    groups = [g for g in graph.groups if g.kind in ("heads", "channels") and g.size > 1]
+    sizes = {g.name: g.size for g in graph.groups}
+    limits: dict[str, str] = {}
+    for kind in sorted({g.kind for g in groups}):
+        members = [g for g in groups if g.kind == kind]
+        smallest = min(g.size for g in members)
+        reasons = []
+        for width in range(smallest - 1, max(smallest - 9, 0), -1):
+            probe = Plan(fingerprint=graph.fingerprint, keep={g.name: list(range(width)) for g in members},
+                         group_sizes=sizes)
+            why, built = _mismatches(model, graph, probe).get(kind, (None, True))
+            if built:  # expressible (why is None), or the config builds and the shapes say why not
+                break
+            reasons.append(why)
+        else:
+            why = reasons[0] if reasons else None
+        if why is not None:
+            limits[kind] = why
+    config_name = type(getattr(model, "config", None)).__name__
+    if limits and set(limits) >= {g.kind for g in groups}:
+        why = "; ".join(f"{_KIND_NAMES[k]}: {v}" for k, v in sorted(limits.items()))
+        raise FastpruneError(f"uniform=True: {config_name} cannot express any block-scope pruning ({why}). Use "
+                             "uniform=False (the checkpoint then loads with trust_remote_code=True or "
+                             "fastprune.load_pruned) or scope='layer' (a plain config describes removed layers)")
+    _note(notes, [f"uniform=True: {config_name} cannot express pruned {_KIND_NAMES[k]} ({v}); they are left "
+                  "unpruned" for k, v in sorted(limits.items())])
+    return limits
+
+
+def _uniform_plan(model: torch.nn.Module, graph: PruningGraph, choose: Callable[[PruningGraph], Plan],
+                  excluded: dict[str, str]) -> Plan:
+    """A uniform plan over the kinds the config can express, checked before any weight is touched."""
+    view = graph
+    if excluded:
+        view = dataclasses.replace(graph, groups=[g for g in graph.groups if g.kind not in excluded])
+    try:
+        plan = choose(view)
+    except FastpruneError as exc:
+        if not excluded:
+            raise
+        left = ", ".join(sorted(_KIND_NAMES[k] for k in ("heads", "channels") if k not in excluded))
+        raise FastpruneError(f"{exc} (uniform=True prunes only {left} here: the config cannot express "
+                             f"{', '.join(_KIND_NAMES[k] for k in sorted(excluded))})") from exc
+    bad = inexpressible(model, graph, plan)
+    if bad:
+        why = "; ".join(f"{_KIND_NAMES[k]}: {v}" for k, v in sorted(bad.items()))
+        raise FastpruneError(f"uniform=True: the plan's widths cannot be expressed by the model's config ({why}); "
+                             "use uniform=False")
+    return plan
+
+
+def inexpressible(model: torch.nn.Module, graph: PruningGraph, plan: Plan) -> dict[str, str]:
+    """Group kinds ``plan`` prunes that the model's own config class cannot describe, each with the reason.
+
+    For each kind, the config is updated as :func:`fastprune.apply.apply` would for that kind's part
+    of the plan, the architecture is built from it on the meta device, and its parameter shapes are
+    compared with the shapes the plan leaves.  Models without a Hugging Face config give ``{}``.
+    """
+    return {kind: why for kind, (why, _) in _mismatches(model, graph, plan).items()}
+
+
+def _mismatches(model: torch.nn.Module, graph: PruningGraph, plan: Plan) -> dict[str, tuple[str, bool]]:
+    """Per inexpressible kind: why, and whether the config built a model at all."""
+    config = getattr(model, "config", None)
+    base = getattr(type(model), "_fastprune_base", type(model))
+    if config is None or not hasattr(base, "_from_config"):
+        return {}
+    kinds = {g.name: g.kind for g in graph.groups}
+    bad: dict[str, tuple[str, bool]] = {}
+    for kind in sorted({kinds[n] for n, kept in plan.keep.items() if len(kept) < plan.group_sizes.get(n, 0)}):
+        part = dataclasses.replace(plan, keep={n: k for n, k in plan.keep.items() if kinds[n] == kind},
+                                   remove_layers=[])
+        found = _shape_mismatch(model, base, config, graph, part)
+        if found is not None:
+            bad[kind] = found
+    return bad
+
+
+def _shape_mismatch(model: torch.nn.Module, base: type, config: Any, graph: PruningGraph,
+                    plan: Plan) -> tuple[str, bool] | None:
+    """Why a model built from the config updated for ``plan`` would not have its shapes (and whether
+    it built at all), or None."""
+    updated = copy.deepcopy(config)
+    update_config(updated, plan, graph, layer_widths(model, graph, plan))
+    try:
+        with torch.device("meta"):
+            reference = base._from_config(updated)
+    except Exception as exc:  # the config class itself refuses these widths
+        return f"{type(exc).__name__}: {exc}", False
+    theirs = {n: list(p.shape) for n, p in reference.named_parameters(remove_duplicate=False)}
+    kept = kept_indices(plan, graph)
+    for name in sorted({name for name, _ in kept}):
+        shape = [len(kept[(name, d)]) if (name, d) in kept else n for d, n in enumerate(graph.param_shapes[name])]
+        if name in theirs and theirs[name] != shape:
+            return f"{name} would be {theirs[name]} under the saved config, the pruned model has {shape}", True
+    return None

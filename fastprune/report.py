@@ -88,6 +88,8 @@ class PruneReport:
                 continue
             cells = [f"{b.get(k, '-')}->{a.get(k, '-')}" for k in ("heads", "kv_heads", "intermediate")]
             lines.append(f"{layer:>5}  {cells[0]:<10} {cells[1]:<10} {cells[2]}")
+        for text in self.settings.get("warnings") or ():
+            lines.append(f"warning: {text}")
         for name, st in self.stages.items():
             lines.append(f"stage {name:<12} {st.seconds:8.3f} s   peak {st.peak_bytes / 2**20:9.1f} MiB"
                          f"  (+{st.extra_bytes / 2**20:.1f} MiB during the stage, {st.device})")

@@ -31,7 +31,9 @@ Ranking (block scope)
 
 Constraints: a head group keeps at least ``min_keep_heads`` elements; channel and hidden groups
 keep a multiple of ``round_to`` elements (when the group size allows) and at least
-``round_to``, so a layer never loses its last head or channel.  ``group_ratio`` skips the
+``round_to``, so a layer never loses its last head or channel.  In a model with stacked experts
+(MoE), the expert channel groups and the hidden group keep a multiple of ``lcm(round_to, 8)``:
+``torch._grouped_mm`` needs 16-byte aligned strides (8 bf16 or 4 fp32 elements).  ``group_ratio`` skips the
 solver: every in-range group removes ``round(group_ratio * size)`` elements (LLM-Pruner's
 ``pruning_ratio``).
 """
@@ -51,6 +53,7 @@ from fastprune.importance import Scores, aggregate
 from fastprune.plan import Plan
 
 SCOPES = ("block", "channel", "layer")
+EXPERT_ALIGN = 8  # stacked expert widths (and an MoE model's hidden size): 16-byte rows for grouped_mm
 RANKINGS = ("local", "global")
 TOLERANCE = 0.01
 
@@ -124,7 +127,9 @@ def select(graph: PruningGraph, scores: Scores, ratio: float | None = None, *,
             missing = [g.name for g in groups if g.name not in agg]
             if missing:
                 raise FastpruneError(f"the scores have no entry for group {missing[0]!r}")
-            cands = [_Candidate(g, agg[g.name], graph, round_to, min_keep_heads) for g in groups]
+            align = EXPERT_ALIGN if any(g.experts for g in graph.groups) else 1
+            cands = [_Candidate(g, agg[g.name], graph, math.lcm(round_to, align) if g.experts or g.kind == "hidden"
+                                else round_to, min_keep_heads) for g in groups]
             if group_ratio is not None:
                 counts = [c.nearest(group_ratio * c.group.size) for c in cands]
             else:

@@ -30,10 +30,18 @@ _SAME_DIMS = {
 }
 _REDUCE_ALONG = {"_softmax", "softmax", "_log_softmax", "log_softmax", "cumsum", "_safe_softmax"}
 _REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "var_mean", "var", "std", "argmax", "argmin",
-               "logsumexp", "norm", "linalg_vector_norm", "any", "all", "prod", "std_mean"}
+               "logsumexp", "norm", "linalg_vector_norm", "any", "all", "prod", "std_mean", "aminmax"}
 _FACTORIES = {"arange", "zeros", "ones", "full", "empty", "scalar_tensor", "randint", "rand", "randn",
-              "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones", "new_empty",
-              "new_full", "empty_strided", "rand_like", "randn_like", "linspace", "eye", "tensor"}
+              "new_zeros", "new_ones", "new_empty", "new_full", "empty_strided", "linspace", "eye", "tensor"}
+# shaped like their input at run time: the output dims are the input's spaces
+_LIKE = {"zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like"}
+# data-dependent index computations (routing): values are positions or counts, so every input dim
+# is fixed and the outputs are constants of the data
+_DATA_INDEX = {"histc", "bincount", "nonzero", "argwhere", "_unique2", "unique_consecutive", "unique_dim"}
+# scatter-like in-place writes: (dim argument position, source argument position or None)
+_SCATTER = {"index_add": (1, 3), "index_copy": (1, 3), "index_fill": (1, None), "scatter": (1, 3),
+            "scatter_add": (1, 3), "scatter_reduce": (1, 3), "index_reduce": (1, 3)}
+_POINTWISE_NAMES = {"where", "clamp", "lerp", "addcmul", "addcdiv", "floor_divide", "remainder", "fmod"}
 _SDPA = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
          "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
          "_scaled_dot_product_attention_math", "_scaled_dot_product_fused_attention_overrideable",
@@ -72,6 +80,7 @@ class _Tracer(TorchDispatchMode):
         self.reduced: set[int] = set()
         self.view_literals: list[tuple[str, int, int]] = []
         self.unmapped: list[str] = []
+        self.namespace = "aten"  # of the op being dispatched
         self.module_stack: list[str] = [""]
         seen = set()
         for name, p in model.named_parameters():
@@ -147,6 +156,7 @@ class _Tracer(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.__name__.split(".")[0]
+        self.namespace = getattr(func, "namespace", "aten")  # named in unmapped-op messages (custom ops too)
         if self.free_constants:
             inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
             if not any(id(t) in self.derived for t in inputs):
@@ -169,7 +179,7 @@ class _Tracer(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.fresh(t, blocked=True)
-        self.unmapped.append(f"aten.{name} in module {self.module_stack[-1] or '<root>'!r} ({why})")
+        self.unmapped.append(f"{self.namespace}.{name} in module {self.module_stack[-1] or '<root>'!r} ({why})")
 
     def rule(self, func, name, args, kwargs, out) -> None:
         if name in _IGNORE or not isinstance(out, (torch.Tensor, tuple, list)):
@@ -180,6 +190,21 @@ class _Tracer(TorchDispatchMode):
                     self.fresh(t, blocked=not self.free_constants)
             return
         tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        if name in _LIKE:
+            self.set(out, list(self.atoms(args[0])), self.provenance(args[0]))
+            return
+        if name in _DATA_INDEX:
+            for t in tensors:
+                for a in self.atoms(t):
+                    self.sp.block(a)
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.fresh(t, blocked=True)
+            return
+        base = name[:-1] if name.endswith("_") else name
+        if base in _SCATTER:
+            self.scatter(args, kwargs, out, *_SCATTER[base])
+            return
         handler = getattr(self, f"op_{name}", None)
         if handler is not None:
             handler(args, kwargs, out)
@@ -195,7 +220,7 @@ class _Tracer(TorchDispatchMode):
                 atoms = self.broadcast([x, *others], list(x.shape)) if others else atoms
                 self.set(o, list(atoms), self.provenance(x), self.pdims.get(id(x)))
                 return
-        if torch.Tag.pointwise in func.tags or name in ("where", "clamp", "lerp", "addcmul", "addcdiv"):
+        if torch.Tag.pointwise in func.tags or name in _POINTWISE_NAMES:
             outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
             atoms = self.broadcast(tensors, list(outs[0].shape))
             for o in outs:
@@ -372,18 +397,20 @@ class _Tracer(TorchDispatchMode):
     def op_select(self, args, kwargs, out):
         x, dim = args[0], args[1] % args[0].dim()
         a = list(self.atoms(x))
+        pd = list(self.pdims.get(id(x), [None] * x.dim()))
         self.sp.block(a[dim])  # a fixed index of a space: that space cannot shrink
-        del a[dim]
-        self.set(out, a, self.provenance(x))
+        del a[dim], pd[dim]  # the other dims stay (one expert of a stacked expert weight)
+        self.set(out, a, self.provenance(x), pd)
 
     def op_unbind(self, args, kwargs, out):
         x = args[0]
         dim = (args[1] if len(args) > 1 else 0) % x.dim()
         a = list(self.atoms(x))
+        pd = list(self.pdims.get(id(x), [None] * x.dim()))
         self.sp.block(a[dim])
-        del a[dim]
+        del a[dim], pd[dim]
         for t in out:
-            self.set(t, list(a), self.provenance(x))
+            self.set(t, list(a), self.provenance(x), list(pd))
 
     def op_cat(self, args, kwargs, out):
         ts = [t for t in args[0] if not (t.dim() == 1 and t.shape[0] == 0)]
@@ -443,21 +470,115 @@ class _Tracer(TorchDispatchMode):
         a[dim] = self.sp.new(out.shape[dim], blocked=True)
         self.set(out, a, self.provenance(x))
 
-    def op_index(self, args, kwargs, out):
-        x, indices = args[0], args[1]
+    def indexed(self, x: torch.Tensor, indices) -> tuple[list[int], list, int, int] | None:
+        """What ``x[indices]`` keeps: atoms and param dims of the other dims, where the new dims go, how many.
+
+        The indexed dims are blocked (positions chosen by data); the others pass through, so a
+        token lookup (``hidden[token_idx]``) or an expert lookup (``w[expert_idx]``) keeps the
+        channel spaces.  A boolean mask indexes as many dims as it has.  None when the indexed
+        dims are not adjacent.
+        """
         a = self.atoms(x)
-        idx = [k for k, t in enumerate(indices) if t is not None]
+        pd = self.pdims.get(id(x), [None] * x.dim())
+        idx, shapes, pos = [], [], 0
+        for t in indices:
+            mask = t is not None and t.dtype in (torch.bool, torch.uint8)
+            n = t.dim() if mask else 1
+            if t is not None:
+                idx.extend(range(pos, pos + n))
+                shapes.append((int(t.count_nonzero()),) if mask else tuple(t.shape))
+            pos += n
+        if not idx or idx != list(range(idx[0], idx[0] + len(idx))):
+            return None
         for k in idx:
             self.sp.block(a[k])
-        if idx == list(range(len(idx))) or len(idx) == 1:
-            rest = [a[k] for k in range(x.dim()) if k not in idx]
-            n_new = out.dim() - len(rest)
-            new = [self.sp.new(out.shape[idx[0] + k], blocked=True) for k in range(n_new)]
-            atoms = rest[:idx[0]] + new + rest[idx[0]:]
+        keep = [k for k in range(x.dim()) if k not in idx]
+        return [a[k] for k in keep], [pd[k] for k in keep], idx[0], len(torch.broadcast_shapes(*shapes))
+
+    def op_index(self, args, kwargs, out):
+        x, indices = args[0], args[1]
+        found = self.indexed(x, indices)
+        if found is not None:
+            rest, pd, first, n_new = found
+            new = [self.sp.new(out.shape[first + k], blocked=True) for k in range(n_new)]
+            atoms = rest[:first] + new + rest[first:]
             if [self.sp.size[self.sp.find(q)] for q in atoms] == list(out.shape):
-                self.set(out, atoms, self.provenance(x))
+                self.set(out, atoms, self.provenance(x), pd[:first] + [None] * n_new + pd[first:])
                 return
         self.unknown("index", args, kwargs, out)
+
+    def op_index_put(self, args, kwargs, out):
+        """``x[indices] = values``: values broadcast against ``x[indices]``, whose kept dims are x's."""
+        x, indices, values = args[0], args[1], args[2]
+        found = self.indexed(x, indices)
+        if found is None:
+            self.unknown("index_put", args, kwargs, out)
+            return
+        rest, _, first, n_new = found
+        target = rest[:first] + [None] * n_new + rest[first:]  # None: a dim that runs over indexed positions
+        va = self.atoms(values)
+        for j in range(1, min(len(target), values.dim()) + 1):
+            t, size = target[-j], values.shape[-j]
+            if t is None:
+                self.sp.block(va[-j])
+            elif size != 1:
+                self.sp.union(t, va[-j])
+        for k in range(values.dim() - len(target)):
+            self.sp.block(va[k])
+        self.set(out, list(self.atoms(x)), self.provenance(x, values), self.pdims.get(id(x)))
+
+    op_index_put_ = op_index_put
+    op__index_put_impl_ = op_index_put
+
+    def scatter(self, args, kwargs, out, dim_pos: int, src_pos: int | None) -> None:
+        """``index_add_``/``scatter_``/...: writes along ``dim`` at data-chosen positions.
+
+        ``dim`` is blocked in the target and the source; every other dim of the source (and of
+        a scatter index) is the target's space where the sizes agree, blocked where they do not.
+        """
+        x = args[0]
+        dim = (args[dim_pos] if len(args) > dim_pos else kwargs.get("dim", 0)) % x.dim()
+        a = self.atoms(x)
+        self.sp.block(a[dim])
+        others = [args[2]] if len(args) > 2 and isinstance(args[2], torch.Tensor) else []
+        if src_pos is not None and len(args) > src_pos and isinstance(args[src_pos], torch.Tensor):
+            others.append(args[src_pos])
+        for t in others:
+            ta = self.atoms(t)
+            if t.dim() != x.dim():  # index_add's 1-D index
+                for q in ta:
+                    self.sp.block(q)
+                continue
+            for k in range(x.dim()):
+                if k == dim or t.shape[k] != x.shape[k]:
+                    self.sp.block(ta[k])
+                    if k != dim:
+                        self.sp.block(a[k])
+                elif t.shape[k] != 1:
+                    self.sp.union(a[k], ta[k])
+        o = out[0] if isinstance(out, (tuple, list)) else out
+        self.set(o, list(a), self.provenance(x, *others), self.pdims.get(id(x)))
+
+    def selection(self, args, kwargs, out, dim: int, size: int | None) -> None:
+        """``topk``/``sort``: a data-dependent order along ``dim``; the other dims pass through."""
+        x = args[0]
+        dim %= max(x.dim(), 1)
+        a = list(self.atoms(x))
+        if x.dim():
+            self.sp.block(a[dim])
+            a[dim] = self.sp.new(size if size is not None else x.shape[dim], blocked=True)
+        for o in tree_flatten(out)[0]:
+            if isinstance(o, torch.Tensor):
+                self.set(o, list(a), self.provenance(x))
+
+    def op_topk(self, args, kwargs, out):
+        self.selection(args, kwargs, out, args[2] if len(args) > 2 else kwargs.get("dim", -1), args[1])
+
+    def op_sort(self, args, kwargs, out):
+        dim = kwargs.get("dim", args[1] if len(args) > 1 and type(args[1]) is int else -1)
+        self.selection(args, kwargs, out, dim, None)
+
+    op_argsort = op_sort
 
     def op_embedding(self, args, kwargs, out):
         w, ids = args[0], args[1]
@@ -527,6 +648,34 @@ class _Tracer(TorchDispatchMode):
         if bias.dim() >= 1:
             self.role(bias, bias.dim() - 1, "out")
         self.prov[id(out)] = self.prov.get(id(out), frozenset()) | self.provenance(bias)
+
+    def op__grouped_mm(self, args, kwargs, out):
+        """Stacked experts: ``x [S, K] @ w [E, K, N] -> [S, N]``, rows grouped by expert offsets.
+
+        The expert dim is blocked (which rows each expert takes is data); K and N are one space for
+        every expert, so an expert's channel j is channel j of the whole stack.
+        """
+        a, b = args[0], args[1]
+        bias = args[3] if len(args) > 3 else kwargs.get("bias")
+        if a.dim() == 3 and b.dim() == 3 and bias is None:
+            self.matmul(a, b, out, 1)
+            return
+        if a.dim() != 2 or b.dim() != 3:
+            self.unknown("_grouped_mm", args, kwargs, out)
+            return
+        aa, ba = self.atoms(a), self.atoms(b)
+        self.sp.union(aa[-1], ba[-2])
+        self.sp.block(ba[0])
+        self.role(b, 1, "in")
+        self.role(b, 2, "out")
+        self.role(a, 1, "in")
+        pd = self.pdims.get(id(b))
+        prov = frozenset([pd[2][0]]) if pd is not None and pd[2] is not None else self.provenance(a, b)
+        self.set(out, [aa[0], ba[-1]], prov)
+        if isinstance(bias, torch.Tensor):
+            self.broadcast([out, bias], list(out.shape))
+
+    op_grouped_mm_fallback = op__grouped_mm  # transformers' custom op for the same product (torch.compile)
 
     def op_baddbmm(self, args, kwargs, out):
         self.matmul(args[1], args[2], out, 1)
@@ -626,5 +775,8 @@ def trace_model(model: torch.nn.Module, input_ids: torch.Tensor, free_constants:
     logits = output.logits if hasattr(output, "logits") else output[0]
     for a in tracer.atoms(logits):  # the model's output keeps its shape
         tracer.sp.block(a)
+    for (p1, d1), (p2, d2) in couplings:  # a declared coupling is trusted, also where an unmapped op blocked it
+        tracer.sp.union(tracer.param_atoms[p1][d1], tracer.param_atoms[p2][d2])
+        tracer.sp.blocked[tracer.sp.find(tracer.param_atoms[p1][d1])] = False
     return TraceResult(tracer.sp, tracer.param_atoms, tracer.param_roles, tracer.attention_params,
                        tracer.head_atoms, tracer.reduced, tracer.view_literals, tracer.unmapped)

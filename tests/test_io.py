@@ -300,3 +300,70 @@ def test_killed_save_leaves_the_previous_checkpoint_or_none(tmp_path, when, prev
         assert not (target / "fastprune_report.json").exists()
     else:
         assert not target.exists()
+
+
+def _bloom():
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.BloomForCausalLM(T.BloomConfig(vocab_size=96, hidden_size=48, n_layer=3, n_head=6)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _bloom_pruned(steps):
+    """Heads pruned unevenly per layer; with two steps the second composes and removes a layer."""
+    model = _bloom()
+    graph = discover(model)
+    heads = [g.name for g in graph.groups_of("heads")]
+    plans = [_plan(graph, dict(zip(heads, ([0, 2, 3, 5], [1, 4], [0, 1, 2, 3, 5]))))]
+    apply(model, plans[0], graph)
+    if steps == 2:
+        graph = discover(model)
+        plans.append(_plan(graph, {"transformer.h.0.self_attention": [1, 3]}, remove_layers=[1]))
+        apply(model, plans[1], graph)
+    return model, plans
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_bloom_alibi_heads_survive_save_and_load(tmp_path, steps):
+    model, plans = _bloom_pruned(steps)
+    expected = _logits(model)
+    prompt = TOKENS[:1, :4]
+    with torch.no_grad():
+        generated = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    out = save_pruned(model, tmp_path / "ckpt", plan=plans)
+    _no_pickles(out)
+    saved = json.loads((out / "config.json").read_text())["fastprune"]["overrides"]["bloom"]["modules"]
+    rows = {path: entry["heads"] for path, entry in saved.items()}
+    if steps == 1:
+        assert rows == {"transformer.h.0.self_attention": [0, 2, 3, 5], "transformer.h.1.self_attention": [1, 4],
+                        "transformer.h.2.self_attention": [0, 1, 2, 3, 5]}
+    else:  # layer 0 keeps heads 1 and 3 of [0, 2, 3, 5]; old layer 2 is now layer 1
+        assert rows == {"transformer.h.0.self_attention": [2, 5], "transformer.h.1.self_attention": [0, 1, 2, 3, 5]}
+    loaded, _ = load_pruned(out)
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    for other in (loaded, remote):
+        assert torch.equal(_logits(other), expected)
+        with torch.no_grad():
+            assert torch.equal(other.generate(prompt, max_new_tokens=6, do_sample=False), generated)
+    again = save_pruned(remote, tmp_path / "again")  # what a loaded model carries saves again
+    assert torch.equal(_logits(load_pruned(again)[0]), expected)
+
+
+def test_override_state_needs_a_registered_restore(tmp_path, monkeypatch):
+    import fastprune.overrides
+
+    model, plans = _bloom_pruned(1)
+    out = save_pruned(model, tmp_path / "ckpt", plan=plans)
+    monkeypatch.delitem(fastprune.overrides._OVERRIDES, "bloom")
+    with pytest.raises(FastpruneError, match=r"override 'bloom'.*register_override\('bloom'"):
+        load_pruned(out)
+    config = json.loads((out / "config.json").read_text())
+    config["fastprune"]["overrides"] = {"mystery": {}}
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"override 'mystery'.*fastprune.load_pruned"):
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
