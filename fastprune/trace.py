@@ -126,6 +126,11 @@ class _Tracer(TorchDispatchMode):
         self.set(t, atoms)
         return atoms
 
+    def fixed(self, a: int) -> None:
+        """Block ``a`` and every piece it is made of (e.g. the rotary and pass-through parts of a head)."""
+        for d in self.sp.descendants(a):
+            self.sp.block(d)
+
     def role(self, t: torch.Tensor, dim: int, role: str) -> None:
         pd = self.pdims.get(id(t))
         if pd is not None and pd[dim] is not None:
@@ -633,6 +638,10 @@ class _Tracer(TorchDispatchMode):
                 for k in range(batch_dims):
                     self.sp.flag(aa[k], "attention")
                 self.attention_params.update(self.provenance(a))
+                # a head's own width is fixed whatever the head count: q @ k^T contracts over it,
+                # probs @ v keeps it last (the other dim blocked here is a sequence, fixed anyway)
+                self.fixed(aa[-1])
+                self.fixed(ba[-1])
         self.set(out, [*aa[:batch_dims], aa[-2], ba[-1]], prov)
 
     def op_mm(self, args, kwargs, out):
@@ -723,6 +732,9 @@ class _Tracer(TorchDispatchMode):
             self.sp.define(hq, "prod", [hk, self.sp.new(q.shape[-3] // k.shape[-3])])
         self.sp.union(qa[-1], ka[-1])
         self.sp.union(ka[-2], va[-2])
+        # head_dim is never pruned: with one head no head view splits it off, so block it here
+        self.fixed(qa[-1])
+        self.fixed(va[-1])
         self.sp.flag(hq, "attention")
         self.head_atoms.append(hq)
         self.attention_params.update(self.provenance(q) | self.provenance(k))

@@ -30,7 +30,7 @@ def test_a_layer_left_with_one_kv_head_keeps_reporting_it(tmp_path):
     graph = discover(model)
     assert not graph.groups_of("heads")[0].name.startswith("model.layers.0.")  # one head: nothing to choose
     widths = layer_widths(model, graph)
-    assert {k: widths[0][k] for k in ("heads", "kv_heads")} == {"heads": 1, "kv_heads": 1}
+    assert widths[0] == {"heads": 1, "kv_heads": 1, "intermediate": 80}  # head_dim is no channel group
     assert widths[1] == {"heads": 6, "kv_heads": 2, "intermediate": 80}
     # the config speaks of the model as it is now: layer 2 became layer 1
     assert model.config.fastprune_layer_widths == {"0": {"heads": 1, "kv_heads": 1, "intermediate": 80},
