@@ -188,7 +188,7 @@ def update_config(config, plan: Plan, graph: PruningGraph, widths: dict[int, dic
         heads = getattr(config, "num_attention_heads", None)
         if heads and getattr(config, "head_dim", None) is None:
             config.head_dim = old // heads  # keep the per-head width explicit once hidden shrinks
-        for attr in ("hidden_size", "n_embd", "d_model", "dim"):
+        for attr in ("hidden_size", "n_embd", "d_model", "dim", "word_embed_proj_dim"):
             if getattr(config, attr, None) == old:
                 setattr(config, attr, new)
     keys = ("heads", "kv_heads", "intermediate", "shared_intermediate")

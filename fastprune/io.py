@@ -1,17 +1,21 @@
 """Save pruned models as safetensors checkpoints that load with or without fastprune.
 
-A checkpoint is a Hugging Face model directory.  When every layer keeps the same widths the
-config alone describes the model and vanilla ``from_pretrained`` loads it.  Otherwise
-``config.json`` lists, under ``fastprune``, every tensor shape and integer module attribute that
-differs from the architecture its config describes, plus the state a family override attached
-to modules (``overrides``: BLOOM's kept ALiBi heads per layer), and names the copied
-``modeling_fastprune.py`` in ``auto_map`` so ``from_pretrained(..., trust_remote_code=True)``
-rebuilds them.  Everything is JSON; no pickle is written.  Writes go to a temporary sibling
-directory that replaces the target only once everything is on disk.
+A checkpoint is a Hugging Face model directory.  When every layer keeps the same widths (and no
+value the config derives changes) the config alone describes the model and vanilla
+``from_pretrained`` loads it.  Otherwise ``config.json`` lists, under ``fastprune``, every tensor
+shape and integer module attribute that differs from the architecture its config describes, every
+float module attribute and non-persistent float buffer whose value differs (``values``: Gemma keeps
+its embedding scale at ``sqrt`` of the original hidden size, which a smaller ``hidden_size`` would
+change), plus the state a family override attached to modules (``overrides``: BLOOM's kept ALiBi
+heads per layer), and names the copied ``modeling_fastprune.py`` in ``auto_map`` so
+``from_pretrained(..., trust_remote_code=True)`` rebuilds them.  Everything is JSON; no pickle is
+written.  Writes go to a temporary sibling directory that replaces the target only once
+everything is on disk.
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import errno
 import json
@@ -20,7 +24,9 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,7 @@ PLAN_FILE = "fastprune_plan.json"
 REPORT_FILE = "fastprune_report.json"
 MODELING_FILE = "modeling_fastprune.py"
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_fastprune.FastpruneForCausalLM"}
+MAX_SAVED_BUFFER = 65536  # elements of a non-persistent buffer that config.json may carry
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -133,6 +140,7 @@ def _plans(plan: Plan | Sequence[Plan] | None, report: PruneReport | None) -> li
 
 def _write_config(model: torch.nn.Module, directory: Path) -> bool:
     """Rewrite the saved config.json for the checkpoint; True when it needs no remote code."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     path = directory / "config.json"
@@ -143,15 +151,16 @@ def _write_config(model: torch.nn.Module, directory: Path) -> bool:
     data["architectures"] = [base.__name__]
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
     config = AutoConfig.from_pretrained(directory)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):  # real buffers: their values are compared
         reference = base._from_config(config)
     spec = _pruned_spec(model, reference)
     states = saved_state(model)
     if states:  # per-layer state of a family override (e.g. each layer's ALiBi heads): remote code restores it
         spec["overrides"] = states
-    # shapes decide: when every tensor matches, the config describes the model, and the module
-    # attributes it builds are the right ones (pruning can leave unused stale ones, e.g. hidden_size)
-    if spec["tensors"] or states:
+    # shapes and values decide: when every tensor and float value matches, the config describes the model,
+    # and the integer module attributes it builds are the right ones (pruning can leave unused stale ones,
+    # e.g. hidden_size)
+    if spec["tensors"] or spec["values"] or states:
         data[remote.SPEC_KEY] = spec
         data["auto_map"] = AUTO_MAP
     else:
@@ -177,7 +186,9 @@ def _pruned_spec(model: torch.nn.Module, reference: torch.nn.Module) -> dict[str
 
     ``tensors``: name -> shape of every parameter or buffer whose shape differs; ``attributes``:
     module path -> {attribute: value} of every integer (or tuple of integers) module attribute
-    that differs.  Raises :class:`FastpruneError` when the module trees themselves differ.
+    that differs; ``values``: module path -> {name: value} of every float attribute and
+    non-persistent float buffer (not in the checkpoint) whose value differs.  Raises
+    :class:`FastpruneError` when the module trees themselves differ.
     """
     mine, theirs = _named_tensors(model), _named_tensors(reference)
     if mine.keys() != theirs.keys():
@@ -187,6 +198,7 @@ def _pruned_spec(model: torch.nn.Module, reference: torch.nn.Module) -> dict[str
     tensors = {n: list(t.shape) for n, t in mine.items() if t.shape != theirs[n].shape}
     ref_modules = dict(reference.named_modules())
     attributes: dict[str, dict[str, Any]] = {}
+    values: dict[str, dict[str, Any]] = {}
     for path, module in model.named_modules():
         ref = ref_modules.get(path)
         if ref is None:
@@ -194,7 +206,22 @@ def _pruned_spec(model: torch.nn.Module, reference: torch.nn.Module) -> dict[str
         for attr, value in vars(module).items():
             if _is_width(value) and getattr(ref, attr, None) != value:
                 attributes.setdefault(path, {})[attr] = list(value) if isinstance(value, tuple) else value
-    return {"tensors": tensors, "attributes": attributes}
+            elif type(value) is float and getattr(ref, attr, None) != value:
+                values.setdefault(path, {})[attr] = value
+        for name in sorted(module._non_persistent_buffers_set):
+            mine = module._buffers.get(name)
+            if mine is not None and mine.is_floating_point() and _buffer_differs(mine, ref._buffers.get(name)):
+                if mine.numel() > MAX_SAVED_BUFFER:
+                    raise FastpruneError(f"buffer {path}.{name} ({list(mine.shape)}) differs from what the config "
+                                         "builds and is too large to store in config.json")
+                values.setdefault(path, {})[name] = mine.tolist()
+    return {"tensors": tensors, "attributes": attributes, "values": values}
+
+
+def _buffer_differs(mine: torch.Tensor, theirs: torch.Tensor | None) -> bool:
+    if theirs is None or theirs.shape != mine.shape:
+        return True
+    return not torch.equal(theirs.to(mine.device, mine.dtype), mine)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -314,7 +341,8 @@ def _model_card(model: torch.nn.Module, report: PruneReport | None, plans: list[
                   "from transformers import AutoModelForCausalLM",
                   "model = AutoModelForCausalLM.from_pretrained(path)"]
     else:
-        lines += ["# layers have different widths: modeling_fastprune.py rebuilds them (needs only transformers)",
+        lines += ["# the config alone does not describe this model (per-layer widths, or values it derives "
+                  "from a pruned size): modeling_fastprune.py rebuilds it (needs only transformers)",
                   "from transformers import AutoModelForCausalLM",
                   "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"]
     lines += ["", "# or, with fastprune installed", "import fastprune",
@@ -330,8 +358,10 @@ def load_pruned(directory: str | os.PathLike, dtype: torch.dtype | None = None,
     """Load a checkpoint written by :func:`save_pruned`: ``(model, tokenizer or None)``.
 
     The architecture is built with empty weights, given the pruned shapes and filled from the
-    safetensors files after every tensor name and shape has been checked.  ``dtype`` converts
-    floating-point weights (default: as stored); ``device`` is where they are loaded (default CPU).
+    safetensors files after every tensor name and shape has been checked.  Stored names are mapped
+    to the model's as ``from_pretrained`` maps them (e.g. a mixture-of-experts layer's per-expert
+    matrices are stacked into its 3-D expert tensors).  ``dtype`` converts floating-point weights
+    (default: as stored); ``device`` is where they are loaded (default CPU).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -342,26 +372,30 @@ def load_pruned(directory: str | os.PathLike, dtype: torch.dtype | None = None,
     config = AutoConfig.from_pretrained(root)
     base = remote.base_class(config)
     cls = remote.pruned_class(base) if getattr(config, remote.SPEC_KEY, None) else base
-    files = _weight_files(root)
-    stored = {name: _header(path) for name, path in files.items()}
+    files = list(_weight_files(root).values())
+    stored = {name: (path, shape) for path in files for name, shape in _header(path).items()}
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config, dtype=dtype or config.dtype)
     model.tie_weights()  # empty-weight init registers tied parameters separately
-    _check_tensors(model, {k: v for shapes in stored.values() for k, v in shapes.items()})
+    empty_loaders = {name: partial(torch.empty, shape, device="meta") for name, (_, shape) in stored.items()}
+    _check_tensors(model, {name: tuple(t.shape) for name, t in _as_model_tensors(model, empty_loaders)})
     device = torch.device(device or "cpu")
     from safetensors import safe_open
 
-    for path in files.values():
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if dtype is not None:
-            tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
-        model.load_state_dict(tensors, strict=False, assign=True)
+    with ExitStack() as stack:
+        opened = {path: stack.enter_context(safe_open(path, framework="pt", device=str(device))) for path in files}
+        loaders = {name: partial(opened[path].get_tensor, name) for name, (path, _) in stored.items()}
+        for name, tensor in _as_model_tensors(model, loaders):
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            model.load_state_dict({name: tensor}, strict=False, assign=True)
     model.tie_weights()
     empty = [n for n, t in _named_tensors(model).items() if t.is_meta]
     if empty:
         raise FastpruneError(f"tensor {empty[0]!r} was not filled from the checkpoint")
-    restore_state(model, (getattr(config, remote.SPEC_KEY, None) or {}).get("overrides") or {})
+    spec = getattr(config, remote.SPEC_KEY, None) or {}
+    remote.restore_values(model, spec)
+    restore_state(model, spec.get("overrides") or {})
     model.to(device).eval()
     tokenizer = None
     if (root / "tokenizer_config.json").is_file():
@@ -387,6 +421,45 @@ def _weight_files(root: Path) -> dict[str, Path]:
     if missing:
         raise FastpruneError(f"weight file {missing[0]} listed in the index is missing from {root}")
     return {n: root / n for n in names}
+
+
+def _as_model_tensors(model: torch.nn.Module,
+                      loaders: dict[str, Callable[[], torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors (stored name -> loader) under the model's names, one at a time.
+
+    ``save_pretrained`` may store tensors under other names or split (transformers 5 saves a
+    mixture-of-experts layer's 3-D stacks as the legacy per-expert matrices): this applies the
+    model's own weight conversion mapping from transformers, as ``from_pretrained`` does.  Each
+    layer's stacks take the shapes of its stored matrices.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    converter_of = {pattern: c for c in converters for pattern in c.source_patterns}
+    model_names = model.state_dict(keep_vars=True)
+    combined: dict[str, WeightConverter] = {}
+    sources: dict[str, list[str]] = {}
+    for stored in sorted(loaders, key=dot_natural_key):
+        name, pattern = rename_source_key(stored, renamings, converters, model.base_model_prefix, model_names)
+        if name not in model_names and stored in model_names:  # as from_pretrained: a model name stays as is
+            name, pattern = stored, None
+        if pattern is None:
+            yield name, loaders[stored]()
+        else:
+            combined.setdefault(name, copy.deepcopy(converter_of[pattern])).add_tensor(name, stored, pattern,
+                                                                                      loaders[stored])
+            sources.setdefault(name, []).append(stored)
+    for name, converter in combined.items():
+        try:
+            converted = converter.convert(name, model=model, config=model.config)
+        except Exception as exc:  # e.g. experts of one layer with different shapes
+            raise FastpruneError(f"the checkpoint's tensors {sources[name][0]!r} ... ({len(sources[name])}) do not "
+                                 f"combine into {name!r}: {exc}") from exc
+        for target, tensor in converted.items():
+            yield target, tensor[0] if isinstance(tensor, list) else tensor
 
 
 def _header(path: Path) -> dict[str, tuple[int, ...]]:

@@ -367,3 +367,59 @@ def test_override_state_needs_a_registered_restore(tmp_path, monkeypatch):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"override 'mystery'.*fastprune.load_pruned"):
         AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+
+
+def _family_pruned(name, kinds):
+    """A tiny model of ``name`` (tests/test_families.py) with every other element of ``kinds`` removed."""
+    from test_families import _make
+
+    model = _make(name)
+    graph = discover(model)
+    keep = {g.name: list(range(0, g.size, 2)) for g in graph.groups if g.kind in kinds}
+    apply(model, _plan(graph, keep), graph)
+    return model
+
+
+@pytest.mark.parametrize("name", ["gemma_mqa", "gemma2", "gemma3"])
+def test_gemma_keeps_its_embedding_scale_when_the_hidden_size_shrinks(tmp_path, name):
+    """Gemma scales embeddings by sqrt(hidden size): the pruned model keeps sqrt(48), the config says 24."""
+    model = _family_pruned(name, {"hidden"})  # uniform: the config alone gives every shape
+    assert model.model.embed_tokens.embed_scale.item() == pytest.approx(48 ** 0.5)
+    expected = _logits(model)
+    out = save_pruned(model, tmp_path / "ckpt")
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden_size"] == 24 and not config["fastprune"]["tensors"]
+    saved = config["fastprune"]["values"]["model.embed_tokens"]
+    assert saved["scalar_embed_scale"] == 48 ** 0.5 and saved["embed_scale"] == pytest.approx(48 ** 0.5)
+    assert config["auto_map"] and (out / "modeling_fastprune.py").is_file()  # plain transformers would use sqrt(24)
+    loaded, _ = load_pruned(out)
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    for other in (loaded, remote):
+        assert other.model.embed_tokens.embed_scale.item() == pytest.approx(48 ** 0.5)
+        assert torch.equal(_logits(other), expected)
+    again = save_pruned(remote, tmp_path / "again")
+    assert torch.equal(_logits(load_pruned(again)[0]), expected)
+
+
+def test_unpruned_hidden_size_keeps_a_vanilla_checkpoint(tmp_path):
+    model = _family_pruned("gemma2", {"heads", "channels"})
+    out = save_pruned(model, tmp_path / "ckpt")
+    config = json.loads((out / "config.json").read_text())
+    assert "fastprune" not in config and "auto_map" not in config
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(out)), _logits(model))
+
+
+FAMILY_NAMES = ["qwen2", "qwen3", "mistral", "gemma_mqa", "gemma2", "gemma3", "phi3_fused", "gpt2_conv1d",
+                "gpt_neox", "bloom_alibi", "opt"]
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_every_family_reloads_with_its_hidden_size_pruned(tmp_path, name):
+    """Values derived from the hidden size (attention scales where head_dim = hidden / heads, rotary
+    frequencies, Gemma's embedding scale) and names transformers converts (GPT-NeoX's ``embed_out``)."""
+    model = _family_pruned(name, {"channels", "hidden"})
+    expected = _logits(model)
+    out = save_pruned(model, tmp_path / "ckpt")
+    _no_pickles(out)
+    assert torch.equal(_logits(load_pruned(out)[0]), expected)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()), expected)

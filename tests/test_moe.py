@@ -267,3 +267,62 @@ def test_token_routing_ops_keep_channel_and_hidden_spaces():
         apply(model, plan, graph)
         got = model(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _pruned_for_saving(name, uniform):
+    """Every other element kept; uniform: layer 1 removed, else layer 0's experts keep a quarter."""
+    model = _make(name)
+    graph = discover(model)
+    plan = _every_other(graph, layers=[1] if uniform else [])
+    if not uniform:
+        first = next(g for g in graph.groups_of("channels") if g.experts)
+        plan.keep[first.name] = list(range(0, first.size, 4))
+    apply(model, plan, graph)
+    return model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "per-layer"])
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_pruned_moe_checkpoint_round_trip(tmp_path, name, uniform):
+    """save_pretrained stores the expert stacks as per-expert matrices; both loaders stack them back."""
+    from safetensors import safe_open
+
+    model = _pruned_for_saving(name, uniform)
+    widths = [layer.mlp.experts.gate_up_proj.shape[1] // 2 for layer in model.model.layers
+              if hasattr(layer.mlp, "experts")]
+    assert (len(set(widths)) == 1) == uniform
+    ids = _ids(4)
+    expected = _logits(model, ids)
+    out = fastprune.save_pruned(model, tmp_path / "ckpt")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert not any(k.endswith("experts.gate_up_proj") for k in f.keys())  # transformers' legacy layout
+    loaded, _ = fastprune.load_pruned(out)
+    assert [layer.mlp.experts.gate_up_proj.shape[1] // 2 for layer in loaded.model.layers
+            if hasattr(layer.mlp, "experts")] == widths
+    assert torch.equal(_logits(loaded, ids), expected)
+    if uniform:
+        assert not (out / "modeling_fastprune.py").exists()
+        plain = T.AutoModelForCausalLM.from_pretrained(out).eval()
+        assert torch.equal(_logits(plain, ids), expected)
+    remote = T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert torch.equal(_logits(remote, ids), expected)
+    again = fastprune.save_pruned(loaded, tmp_path / "again")  # a loaded checkpoint saves again
+    assert torch.equal(_logits(fastprune.load_pruned(again)[0], ids), expected)
+
+
+def test_moe_checkpoint_with_mismatched_experts_is_reported(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = fastprune.save_pruned(_pruned_for_saving("mixtral", uniform=False), tmp_path / "ckpt")
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
+    tensors[name] = tensors[name][:4]
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(fastprune.FastpruneError, match=r"experts.0.w1.weight.*do not combine into "
+                                                       r"'model.layers.0.mlp.experts.gate_up_proj'"):
+        fastprune.load_pruned(out)

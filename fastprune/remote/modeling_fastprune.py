@@ -4,10 +4,11 @@
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` comes here.  It builds the
 original architecture (``config.architectures``, else the auto mapping of the config's class) from
 the config, then gives the tensors and integer module attributes listed under ``config.fastprune``
-their pruned values, and re-applies the per-layer state that family overrides saved under
-``config.fastprune["overrides"]`` (BLOOM's and Baichuan-13B's ALiBi rows of each layer's kept
-heads).  Only torch and transformers are needed: fastprune itself does not have to be installed
-where the checkpoint is loaded.
+their pruned values, sets the float values the config would compute differently (``values``:
+Gemma's embedding scale, which stays ``sqrt`` of the original hidden size), and re-applies the
+per-layer state that family overrides saved under ``config.fastprune["overrides"]`` (BLOOM's and
+Baichuan-13B's ALiBi rows of each layer's kept heads).  Only torch and transformers are needed:
+fastprune itself does not have to be installed where the checkpoint is loaded.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 SPEC_KEY = "fastprune"  # config attribute: {"tensors": {name: shape}, "attributes": {module: {attr: value}},
-#                         "overrides": {override key: state}}
+#                         "values": {module: {float attribute or buffer: value}}, "overrides": {key: state}}
 
 
 def base_class(config) -> type:
@@ -44,7 +45,7 @@ def _resized(old: torch.Tensor, shape: list[int]) -> torch.Tensor:
 
 
 def restore_pruned_shapes(model: torch.nn.Module, spec: dict) -> None:
-    """Resize the listed tensors and set the listed module attributes; tied tensors stay tied."""
+    """Resize the listed tensors and set the listed module attributes and values; tied tensors stay tied."""
     modules = dict(model.named_modules())
     replaced: dict[int, torch.Tensor] = {}
     for name, shape in spec.get("tensors", {}).items():
@@ -64,6 +65,23 @@ def restore_pruned_shapes(model: torch.nn.Module, spec: dict) -> None:
         module = modules[module_name]
         for attr, value in attrs.items():
             setattr(module, attr, tuple(value) if isinstance(getattr(module, attr, None), tuple) else value)
+    restore_values(model, spec)
+
+
+def restore_values(model: torch.nn.Module, spec: dict) -> None:
+    """Set the float module attributes and non-persistent buffers listed under ``spec["values"]``.
+
+    Transformers re-initializes non-persistent buffers from the config after ``from_pretrained``
+    has built the model, so this runs again once loading is done.
+    """
+    for module_name, values in spec.get("values", {}).items():
+        module = model.get_submodule(module_name)
+        for name, value in values.items():
+            old = module._buffers.get(name)
+            if old is None:
+                setattr(module, name, value)
+            else:
+                module._buffers[name] = torch.tensor(value, dtype=old.dtype, device=old.device)
 
 
 # ---------------------------------------------------------------------------------------------- head rows
@@ -162,17 +180,31 @@ _PRUNED_CLASSES: dict[type, type] = {}
 
 
 def pruned_class(base: type) -> type:
-    """A subclass of ``base`` whose ``__init__`` re-creates the pruned shapes from the config."""
+    """A subclass of ``base`` whose ``__init__`` re-creates the pruned shapes from the config.
+
+    It carries the name and module of ``base``, so transformers treats it as ``base``: the same
+    weight conversion mapping (e.g. per-expert MoE tensors saved as legacy names, GPT-NeoX's
+    ``embed_out``) and none of the special cases of custom code.
+    """
     if base not in _PRUNED_CLASSES:
 
         def __init__(self, config, *args, **kwargs):
             base.__init__(self, config, *args, **kwargs)
             restore_pruned_shapes(self, getattr(config, SPEC_KEY, None) or {})
 
-        name = f"Pruned{base.__name__}"
-        _PRUNED_CLASSES[base] = type(name, (base,), {"__init__": __init__, "__module__": __name__,
-                                                     "__qualname__": name, "_fastprune_base": base})
+        _PRUNED_CLASSES[base] = type(base.__name__, (base,), {
+            "__init__": __init__, "__module__": base.__module__, "__qualname__": base.__qualname__,
+            "_fastprune_base": base})
     return _PRUNED_CLASSES[base]
+
+
+def _restore_after_loading(loaded, config):
+    """Re-apply what loading re-initialized or never knew; ``loaded`` may be ``(model, loading info)``."""
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    spec = getattr(config, SPEC_KEY, None) or {}
+    restore_values(model, spec)
+    restore_overrides(model, spec)
+    return loaded
 
 
 class FastpruneForCausalLM:
@@ -180,15 +212,13 @@ class FastpruneForCausalLM:
 
     @classmethod
     def from_pretrained(cls, path, *args, config, **kwargs):
-        model = pruned_class(base_class(config)).from_pretrained(path, *args, config=config, **kwargs)
-        restore_overrides(model, getattr(config, SPEC_KEY, None) or {})
-        return model
+        loaded = pruned_class(base_class(config)).from_pretrained(path, *args, config=config, **kwargs)
+        return _restore_after_loading(loaded, config)
 
     @classmethod
     def _from_config(cls, config, **kwargs):
         model = pruned_class(base_class(config))._from_config(config, **kwargs)
-        restore_overrides(model, getattr(config, SPEC_KEY, None) or {})
-        return model
+        return _restore_after_loading(model, config)
 
     @classmethod
     def register_for_auto_class(cls, auto_class: object = None) -> None:
