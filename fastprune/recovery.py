@@ -14,7 +14,10 @@ Checkpoints (``output_dir/checkpoints``) are the ``Trainer``'s: the adapter as s
 optimizer, scheduler and RNG states as ``torch.save`` files that the ``Trainer`` reads back only
 with ``torch.load(weights_only=True)`` (tensors and plain containers, no code runs), and
 ``trainer_state.json``.  ``training_args.bin`` is written by the ``Trainer`` but never read.
-Training runs unchanged under ``torchrun`` (DDP): ``batch_size`` is the global batch.
+Training runs unchanged under ``torchrun`` or ``accelerate launch`` (DDP): ``batch_size`` is the
+global batch.  Under FSDP (``fsdp=True`` with ``torchrun``, or ``accelerate launch --use_fsdp``) the
+weights are sharded, so nothing is merged in-process: the adapter is gathered and saved, and
+:func:`merge_adapter` (``fastprune tune --merge-only``) merges it afterwards in one process.
 """
 
 from __future__ import annotations
@@ -227,12 +230,21 @@ def _perplexity_callback(tokens: torch.Tensor | None, every: int | None, history
     from fastprune.evaluate import perplexity
 
     class HeldOutPerplexity(TrainerCallback):
-        """Perplexity of the held-out tokens every ``every`` optimizer steps (main process only)."""
+        """Perplexity of the held-out tokens every ``every`` optimizer steps (main process only).
+
+        Under FSDP every process runs the forward pass (each holds only a shard of the weights).
+        """
+
+        every_process = False
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if tokens is None or not every or state.global_step % every or not state.is_world_process_zero:
+            if tokens is None or not every or state.global_step % every:
+                return
+            if not (state.is_world_process_zero or self.every_process):
                 return
             ppl = perplexity(model, tokens, seq_len=128, progress=False).ppl
+            if not state.is_world_process_zero:
+                return
             history.append((state.global_step, ppl))
             if not args.disable_tqdm:
                 print(f"step {state.global_step}: held-out perplexity {ppl:.3f}", flush=True)
@@ -248,9 +260,36 @@ def _restore(model: torch.nn.Module, flags: dict[str, bool], use_cache: Any) -> 
     return model.eval()
 
 
+def _fsdp_requested(fsdp: Any) -> bool:
+    """FSDP asked for by ``recover(fsdp=...)`` or by ``accelerate launch --use_fsdp`` (its environment)."""
+    return bool(fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _adapter_state(trainer: Any, peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained weights, gathered from the FSDP shards of every process (a collective: call it on all).
+
+    FSDP2 keeps each parameter as a DTensor shard: only the trainable (LoRA) ones are gathered, on
+    the CPU.  FSDP1 goes through accelerate's full state dict (the whole model, on process 0 only).
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    for module in peft_model.modules():  # a forward pass can leave parameters unsharded (plain tensors)
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    params = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    if params and all(isinstance(p, DTensor) for _, p in params):
+        return {n: p.full_tensor().detach().cpu() for n, p in params}
+    return trainer.accelerator.get_state_dict(trainer.model)
+
+
 @dataclass
 class RecoveryResult:
-    """What a recovery run did; ``model`` is the merged model (the input model, changed in place)."""
+    """What a recovery run did.
+
+    ``model`` is the merged model (the input model, changed in place) when ``merged``; with
+    ``merge=False`` it is the peft model with the trained adapter attached (under FSDP: sharded).
+    """
 
     model: torch.nn.Module
     steps: int
@@ -264,6 +303,8 @@ class RecoveryResult:
     adapter_dir: str | None = None
     merged_dir: str | None = None
     resumed_from: str | None = None
+    merged: bool = True
+    fsdp: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "model"}
@@ -278,17 +319,28 @@ def recover(model: torch.nn.Module, data: Any, *, tokenizer: Any = None, r: int 
             eval_every: int | None = None, output_dir: str | os.PathLike | None = None, save_every: int = 200,
             keep_checkpoints: int = 2, resume: bool = False, seed: int = 0, bf16: bool | None = None,
             gradient_checkpointing: bool = False, logging_steps: int = 10, plan: Any = None,
+            merge: bool | None = None, fsdp: bool | str | None = None, fsdp_config: dict | str | None = None,
             callbacks: Sequence[Any] = (), progress: bool = True) -> RecoveryResult:
     """Fine-tune LoRA adapters on ``data``, merge them into ``model`` (in place) and return the result.
 
     ``batch_size`` is the global batch (per optimizer step, over all processes), split into
     ``micro_batch_size`` examples per process and forward pass.  ``max_steps`` overrides ``epochs``.
     ``val_source`` (e.g. ``"wiki"``) gives a held-out perplexity at 128 tokens before training,
-    every ``eval_every`` steps and after the merge.  With ``output_dir``, checkpoints go to
+    every ``eval_every`` steps and after training.  With ``output_dir``, checkpoints go to
     ``output_dir/checkpoints`` every ``save_every`` steps, and the adapter and the merged model
     (``save_pruned`` format, with ``plan``) to ``output_dir/adapter`` and ``output_dir/merged``;
     ``resume=True`` continues from the newest complete checkpoint.  ``bf16`` defaults to True on a
     GPU that supports it and False on the CPU.  Extra ``callbacks`` are ``TrainerCallback`` objects.
+
+    ``merge=False`` trains and saves the adapter but merges nothing and writes no merged model; the
+    result (``merged=False``) holds the peft model with the adapter attached.  ``merge`` defaults to
+    True, except under FSDP, where the weights are sharded: there the adapter is gathered to
+    ``output_dir/adapter`` (required) and :func:`merge_adapter` merges it afterwards in one process;
+    ``merge=True`` under FSDP is an error.  FSDP comes from ``accelerate launch --use_fsdp`` (its
+    environment) or from ``fsdp=True`` with ``fsdp_config`` (``TrainingArguments``' settings, e.g.
+    ``{"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}``) under ``torchrun``.
+    accelerate enables FSDP only on accelerators (GPU, XPU, ...): asked for on the CPU, it is an error
+    here rather than silent DDP.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import PrinterCallback, Trainer, TrainingArguments
@@ -334,59 +386,141 @@ def recover(model: torch.nn.Module, data: Any, *, tokenizer: Any = None, r: int 
     # transformers 5.23 renamed TrainingArguments.gradient_checkpointing* to activation_checkpointing*
     ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
         else "gradient_checkpointing"
+    sharded = False  # True once FSDP has wrapped the model: then there is nothing to unload on failure
     with tempfile.TemporaryDirectory(prefix="fastprune-tune-") as scratch:
-        args = TrainingArguments(
-            output_dir=str(out / "checkpoints") if out is not None else scratch,
-            per_device_train_batch_size=micro_batch_size,
-            gradient_accumulation_steps=batch_size // (micro_batch_size * world),
-            learning_rate=lr, num_train_epochs=epochs, max_steps=max_steps or -1, warmup_steps=warmup_steps,
-            weight_decay=weight_decay, lr_scheduler_type="linear", optim="adamw_torch",
-            bf16=bf16, **{ckpt: gradient_checkpointing,
-                          f"{ckpt}_kwargs": {"use_reentrant": False} if gradient_checkpointing else None},
-            logging_steps=logging_steps, save_strategy="steps" if out is not None else "no",
-            save_steps=save_every, save_total_limit=keep_checkpoints, seed=seed, data_seed=seed,
-            report_to="none", disable_tqdm=not progress, remove_unused_columns=False,
-            dataloader_pin_memory=torch.cuda.is_available(), ddp_find_unused_parameters=False,
-            include_num_input_tokens_seen="non_padding", use_cpu=not torch.cuda.is_available(),
-        )
-        pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else None
-        if pad is None and tokenizer is not None:
-            pad = tokenizer.eos_token_id
-        trainer = Trainer(model=peft_model, args=args, train_dataset=_Examples(examples),
-                          data_collator=_Collator(pad if pad is not None else 0),
-                          callbacks=[_perplexity_callback(val, eval_every, history), *callbacks])
-        if not progress:
-            trainer.remove_callback(PrinterCallback)
-        start = time.perf_counter()
         try:
+            args = TrainingArguments(
+                output_dir=str(out / "checkpoints") if out is not None else scratch,
+                per_device_train_batch_size=micro_batch_size,
+                gradient_accumulation_steps=batch_size // (micro_batch_size * world),
+                learning_rate=lr, num_train_epochs=epochs, max_steps=max_steps or -1, warmup_steps=warmup_steps,
+                weight_decay=weight_decay, lr_scheduler_type="linear", optim="adamw_torch",
+                bf16=bf16, **{ckpt: gradient_checkpointing,
+                              f"{ckpt}_kwargs": {"use_reentrant": False} if gradient_checkpointing else None},
+                logging_steps=logging_steps, save_strategy="steps" if out is not None else "no",
+                save_steps=save_every, save_total_limit=keep_checkpoints, seed=seed, data_seed=seed,
+                report_to="none", disable_tqdm=not progress, remove_unused_columns=False,
+                dataloader_pin_memory=torch.cuda.is_available(), ddp_find_unused_parameters=False,
+                include_num_input_tokens_seen="non_padding", use_cpu=not torch.cuda.is_available(),
+                fsdp=fsdp or None, fsdp_config=fsdp_config,
+            )
+            pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else None
+            if pad is None and tokenizer is not None:
+                pad = tokenizer.eos_token_id
+            held_out = _perplexity_callback(val, eval_every, history)
+            trainer = Trainer(model=peft_model, args=args, train_dataset=_Examples(examples),
+                              data_collator=_Collator(pad if pad is not None else 0),
+                              callbacks=[held_out, *callbacks])
+            on_fsdp = trainer.is_fsdp_enabled
+            merge = _check_fsdp(trainer, fsdp, merge, out)
+            held_out.every_process = on_fsdp
+            if not progress:
+                trainer.remove_callback(PrinterCallback)
+            start = time.perf_counter()
+            sharded = on_fsdp
             trainer.train(resume_from_checkpoint=checkpoint)
         except BaseException:  # interrupted or failed: give the caller back the model without adapters
-            _restore(peft_model.unload(), flags, use_cache)
+            if not sharded:
+                _restore(peft_model.unload(), flags, use_cache)
             raise
         seconds = time.perf_counter() - start
         state = trainer.state
 
     adapter_dir = None
     main = trainer.is_world_process_zero()
-    if out is not None and main:
-        adapter_dir = str(out / "adapter")
-        peft_model.save_pretrained(adapter_dir)
-    merged = _restore(peft_model.merge_and_unload(), flags, use_cache)
-    if val is not None and main:
-        history.append((state.global_step, perplexity(merged, val, seq_len=128, progress=False).ppl))
-    result = RecoveryResult(model=merged, steps=state.global_step, tokens=int(state.num_input_tokens_seen),
+    if out is not None:
+        gathered = _adapter_state(trainer, peft_model) if on_fsdp else None  # every process takes part
+        if main:
+            adapter_dir = str(out / "adapter")
+            peft_model.save_pretrained(adapter_dir, **({"state_dict": gathered} if on_fsdp else {}))
+    if merge:
+        final = _restore(peft_model.merge_and_unload(), flags, use_cache)
+    else:  # the adapter stays attached (and, under FSDP, sharded)
+        final = trainer.model if on_fsdp else peft_model
+        model.config.use_cache = use_cache
+        final.eval()
+    if val is not None and (main or on_fsdp):
+        ppl = perplexity(final, val, seq_len=128, progress=False).ppl
+        if main:
+            history.append((state.global_step, ppl))
+    result = RecoveryResult(model=final, steps=state.global_step, tokens=int(state.num_input_tokens_seen),
                             examples=len(examples), seconds=seconds, trainable_params=trainable,
                             processes=trainer.args.world_size,
                             losses=[(h["step"], h["loss"]) for h in state.log_history if "loss" in h],
-                            perplexity=history, adapter_dir=adapter_dir, resumed_from=checkpoint)
+                            perplexity=history, adapter_dir=adapter_dir, resumed_from=checkpoint,
+                            merged=bool(merge), fsdp=on_fsdp)
     if out is not None and main:
         from fastprune.io import save_pruned
 
-        evaluation = {"held-out ppl after recovery": history[-1][1]} if val is not None else None
-        result.merged_dir = str(save_pruned(merged, out / "merged", tokenizer=tokenizer, plan=plan,
-                                            evaluation=evaluation))
+        if merge:
+            evaluation = {"held-out ppl after recovery": history[-1][1]} if val is not None else None
+            result.merged_dir = str(save_pruned(final, out / "merged", tokenizer=tokenizer, plan=plan,
+                                                evaluation=evaluation))
         (out / "recovery.json").write_text(json.dumps(result.to_dict(), indent=1))
     return result
+
+
+def _check_fsdp(trainer: Any, fsdp: Any, merge: bool | None, out: Path | None) -> bool:
+    """Whether to merge in-process, given FSDP as the ``Trainer`` set it up; raises on what cannot work."""
+    on_fsdp = trainer.is_fsdp_enabled
+    if _fsdp_requested(fsdp) and not on_fsdp:
+        kind = trainer.accelerator.distributed_type
+        why = (" accelerate uses FSDP only on accelerators (GPU, XPU, ...): on the CPU it sets up plain DDP"
+               if trainer.args.device.type == "cpu" else " it needs a distributed launch (torchrun or accelerate "
+               "launch)")
+        raise FastpruneError(f"FSDP was asked for (fsdp={fsdp!r}, ACCELERATE_USE_FSDP="
+                             f"{os.environ.get('ACCELERATE_USE_FSDP')!r}) but accelerate set up {kind}:{why}. "
+                             "Leave FSDP off to train with DDP")
+    if not on_fsdp:
+        return True if merge is None else merge
+    if merge:
+        raise FastpruneError("merge=True under FSDP: the weights are sharded across the processes and cannot be "
+                             "merged in-process. Train with merge=False (fastprune tune --no-merge), then merge in "
+                             "one process with fastprune.recovery.merge_adapter or fastprune tune --merge-only")
+    if out is None:
+        raise FastpruneError("under FSDP recover needs output_dir: the adapter is not merged in-process, so it "
+                             "must be saved to output_dir/adapter")
+    if trainer.is_world_process_zero() and merge is None:
+        warnings.warn(f"FSDP: the weights are sharded, so the adapter is not merged in-process; it is saved to "
+                      f"{out / 'adapter'}. Merge it afterwards in one process: fastprune tune --merge-only "
+                      f"{out / 'adapter'} --model MODEL --output DIR (or fastprune.recovery.merge_adapter)",
+                      stacklevel=3)
+    return False
+
+
+def merge_adapter(model: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                  dtype: torch.dtype | None = None) -> Path:
+    """Merge a LoRA adapter saved by :func:`recover` into its base model, in one process, and save the result.
+
+    ``model`` is what was tuned: a checkpoint written by ``save_pruned`` (loaded with ``load_pruned``,
+    its plan carried over) or anything :func:`fastprune.models.load_model` takes.  ``dtype`` is the
+    dtype the weights are loaded, merged and saved in (default: as stored).  Returns ``out_dir``
+    (``save_pruned`` format).  This is the merge step after ``recover(merge=False)`` or FSDP.
+    """
+    from peft import PeftModel
+
+    from fastprune.io import save_pruned
+
+    adapter = Path(adapter_dir).expanduser()
+    if not (adapter / "adapter_config.json").is_file():
+        raise FastpruneError(f"{adapter} is not a saved adapter (no adapter_config.json)")
+    base, tokenizer, plans = _load_for_tuning(model, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    return save_pruned(merged.eval(), out_dir, tokenizer=tokenizer, plan=plans)
+
+
+def _load_for_tuning(name: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, plans or None)`` of a ``save_pruned`` checkpoint, a hub id or ``smollm2``."""
+    from fastprune.io import load_pruned, read_plans
+
+    source = Path(name).expanduser()
+    if source.is_dir() and (source / "config.json").is_file():
+        model, tokenizer = load_pruned(source, dtype=dtype)
+        return model, tokenizer, read_plans(source) or None
+    from fastprune.models import load_model
+
+    model, tokenizer = load_model(str(name), dtype=dtype)
+    return model, tokenizer, None
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -396,9 +530,20 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("--model", required=True,
                    help="a checkpoint written by fastprune prune/save_pruned, a hub id, or 'smollm2'")
+    p.add_argument("--merge-only", metavar="ADAPTER", default=None,
+                   help="no training: merge this saved adapter (OUTPUT/adapter of a --no-merge or FSDP run) into "
+                        "--model in one process and write the merged model to --output")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="with --merge-only: load, merge and save in this dtype (default: as stored)")
     p.add_argument("--data", nargs="+", default=[str(SAMPLE_DATA)],
                    help="Alpaca .json/.jsonl, wiki, austen, a .txt file or a hub dataset (several are concatenated)")
     p.add_argument("--output", required=True, help="directory for checkpoints, the adapter and the merged model")
+    p.add_argument("--no-merge", dest="merge", action="store_false", default=None,
+                   help="save the adapter, merge nothing (the default under FSDP: sharded weights cannot be merged)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard with FSDP under torchrun (GPUs only; accelerate launch --use_fsdp needs no flag)")
+    p.add_argument("--fsdp-config", default=None, metavar="JSON",
+                   help="FSDP settings for TrainingArguments.fsdp_config, a JSON file (implies --fsdp)")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto")
     p.add_argument("--response-only", action="store_true", help="loss on the response tokens only")
     p.add_argument("--r", type=int, default=8, help="LoRA rank")
@@ -425,18 +570,16 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> dict:
-    """``fastprune tune``: load, recover, save to ``args.output``; returns the run's summary."""
-    from fastprune.io import load_pruned, read_plans
+    """``fastprune tune``: load, recover, save to ``args.output``; returns the run's summary.
 
-    source = Path(args.model).expanduser()
-    if source.is_dir() and (source / "config.json").is_file():
-        model, tokenizer = load_pruned(source)
-        plans = read_plans(source) or None
-    else:
-        from fastprune.models import load_model
-
-        model, tokenizer = load_model(args.model)
-        plans = None
+    With ``--merge-only ADAPTER`` it only merges a saved adapter into ``--model`` (see :func:`merge_adapter`).
+    """
+    if args.merge_only is not None:
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        merged = merge_adapter(args.model, args.merge_only, args.output, dtype=dtype)
+        return {"model": str(args.model), "adapter_dir": str(Path(args.merge_only).expanduser().absolute()),
+                "merged_dir": str(merged), "merged": True}
+    model, tokenizer, plans = _load_for_tuning(args.model)
     targets = [t for t in args.target_modules.split(",") if t] if args.target_modules else None
     result = recover(model, list(args.data), tokenizer=tokenizer, r=args.r, alpha=args.alpha, dropout=args.dropout,
                      target_modules=targets, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
@@ -445,5 +588,6 @@ def run_tune(args: argparse.Namespace) -> dict:
                      warmup_steps=args.warmup_steps, val_source=args.val or None, eval_every=args.eval_every,
                      output_dir=args.output, save_every=args.save_every, resume=args.resume, seed=args.seed,
                      bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, plan=plans,
+                     merge=args.merge, fsdp=bool(args.fsdp or args.fsdp_config) or None, fsdp_config=args.fsdp_config,
                      progress=not args.quiet)
     return result.to_dict()

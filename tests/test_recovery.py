@@ -222,3 +222,128 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
     assert result.resumed_from is None and result.steps == 1
     with pytest.raises(FastpruneError, match="multiple"):
         recover(tiny_llama(), torch.randint(3, 90, (2, 8)), batch_size=3, micro_batch_size=2)
+
+
+# --------------------------------------------------------------------------------- merge=False, merge_adapter
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def test_no_merge_then_merge_adapter_matches_in_process_merge(tmp_path):
+    """--no-merge saves only the adapter; merge_adapter and --merge-only give the in-process merge's logits."""
+    from peft import PeftModel
+
+    from fastprune.recovery import merge_adapter
+
+    model = tiny_llama(layers=2)
+    calib = torch.randint(3, 90, (4, 16), generator=torch.Generator().manual_seed(0))
+    report = fastprune.prune(model, 0.3, calib=calib, ranking="global", progress=False)
+    save_pruned(model, tmp_path / "pruned", tokenizer=char_tokenizer(), report=report)
+    data = _write_jsonl(tmp_path / "d.jsonl", RECORDS * 2)
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+
+    def tune(*extra):
+        return run_tune(parser.parse_args(["--model", str(tmp_path / "pruned"), *extra]))
+
+    train = ["--data", str(data), "--max-steps", "3", "--batch-size", "4", "--micro-batch-size", "2",
+             "--warmup-steps", "0", "--lr", "1e-2", "--dropout", "0", "--val", "", "--quiet"]
+    merged = tune(*train, "--output", str(tmp_path / "merged-run"))
+    unmerged = tune(*train, "--output", str(tmp_path / "adapter-run"), "--no-merge")
+    assert merged["merged"] and Path(merged["merged_dir"]).is_dir()
+    assert unmerged["merged"] is False and unmerged["merged_dir"] is None and not unmerged["fsdp"]
+    assert not (tmp_path / "adapter-run" / "merged").exists()
+    assert Path(unmerged["adapter_dir"], "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "adapter-run" / "recovery.json").read_text())["merged"] is False
+    assert unmerged["losses"] == merged["losses"]
+
+    out = merge_adapter(tmp_path / "pruned", unmerged["adapter_dir"], tmp_path / "merged-later")
+    cli = tune("--merge-only", unmerged["adapter_dir"], "--output", str(tmp_path / "merged-cli"))
+    assert cli["merged_dir"] == str(tmp_path / "merged-cli") and cli["merged"]
+    assert (out / "fastprune_plan.json").is_file() and (out / "tokenizer.json").is_file()
+
+    ids = torch.randint(3, 90, (2, 20), generator=torch.Generator().manual_seed(5))
+    want = _logits(load_pruned(merged["merged_dir"])[0], ids)
+    before = _logits(load_pruned(tmp_path / "pruned")[0], ids)
+    assert (want - before).abs().max() > 1e-3  # training changed the model
+    for path in (out, tmp_path / "merged-cli"):  # the same ops on the same adapter: 1e-6 (observed: identical)
+        torch.testing.assert_close(_logits(load_pruned(path)[0], ids), want, rtol=0, atol=1e-6)
+    attached = PeftModel.from_pretrained(load_pruned(tmp_path / "pruned")[0], unmerged["adapter_dir"])
+    torch.testing.assert_close(_logits(attached, ids), want, rtol=0, atol=1e-5)  # merged vs. unmerged: rounding
+    bf16 = merge_adapter(tmp_path / "pruned", unmerged["adapter_dir"], tmp_path / "merged-bf16", dtype=torch.bfloat16)
+    assert next(load_pruned(bf16)[0].parameters()).dtype == torch.bfloat16
+    with pytest.raises(FastpruneError, match="adapter_config.json"):
+        merge_adapter(tmp_path / "pruned", tmp_path / "pruned", tmp_path / "nope")
+
+
+def test_no_merge_returns_the_adapter_model():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    before = _weights(model)
+    tokens = torch.randint(3, 90, (4, 24))
+    result = recover(model, tokens, max_steps=2, batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=0,
+                     dropout=0.0, val_source=torch.randint(3, 90, (1, 260)), merge=False, progress=False)
+    assert result.merged is False and result.adapter_dir is None and result.merged_dir is None
+    assert hasattr(result.model, "peft_config") and not result.model.training
+    assert [s for s, _ in result.perplexity] == [0, 2]  # measured with the adapter attached
+    base = result.model.get_base_model().state_dict()
+    assert torch.equal(base["model.layers.0.self_attn.q_proj.base_layer.weight"],
+                       before["model.layers.0.self_attn.q_proj.weight"])  # nothing merged
+    merged = result.model.merge_and_unload()
+    assert not torch.equal(merged.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+                           before["model.layers.0.self_attn.q_proj.weight"])
+
+
+class _FakeTrainer:
+    """What _check_fsdp reads from a Trainer."""
+
+    def __init__(self, fsdp: bool, device: str = "cuda"):
+        self.is_fsdp_enabled = fsdp
+        self.accelerator = argparse.Namespace(distributed_type="MULTI_CPU" if device == "cpu" else "NO")
+        self.args = argparse.Namespace(device=torch.device(device))
+
+    def is_world_process_zero(self) -> bool:
+        return True
+
+
+def test_merge_rules_under_fsdp(tmp_path, monkeypatch):
+    from fastprune.recovery import _check_fsdp
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert _check_fsdp(_FakeTrainer(False), None, None, None) is True  # no FSDP: merge by default
+    assert _check_fsdp(_FakeTrainer(False), None, False, tmp_path) is False
+    with pytest.warns(UserWarning, match="--merge-only"):  # FSDP: no merge by default, said once
+        assert _check_fsdp(_FakeTrainer(True), True, None, tmp_path) is False
+    assert _check_fsdp(_FakeTrainer(True), True, False, tmp_path) is False
+    with pytest.raises(FastpruneError, match="sharded.*--no-merge"):
+        _check_fsdp(_FakeTrainer(True), True, True, tmp_path)
+    with pytest.raises(FastpruneError, match="needs output_dir"):
+        _check_fsdp(_FakeTrainer(True), True, None, None)
+    with pytest.raises(FastpruneError, match="only on accelerators"):  # asked for, but accelerate set up DDP
+        _check_fsdp(_FakeTrainer(False, "cpu"), True, None, tmp_path)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --use_fsdp sets
+    with pytest.raises(FastpruneError, match="ACCELERATE_USE_FSDP='true'"):
+        _check_fsdp(_FakeTrainer(False, "cpu"), None, None, tmp_path)
+
+
+def test_fsdp_in_one_process_fails_cleanly():
+    model = tiny_llama()
+    before = _weights(model)
+    with pytest.raises(ValueError, match="distributed"):  # the Trainer's own check
+        recover(model, torch.randint(3, 90, (2, 8)), max_steps=1, batch_size=2, micro_batch_size=2,
+                fsdp=True, progress=False)
+    assert not any("lora" in n for n, _ in model.named_modules())
+    assert all(torch.equal(v, before[k]) for k, v in _weights(model).items())
+
+
+def test_tune_merge_options_parse():
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+    base = ["--model", "m", "--output", "o"]
+    args = parser.parse_args(base)
+    assert args.merge is None and args.merge_only is None and not args.fsdp and args.fsdp_config is None
+    args = parser.parse_args([*base, "--no-merge", "--fsdp-config", "f.json"])
+    assert args.merge is False and args.fsdp_config == "f.json"
+    assert parser.parse_args([*base, "--merge-only", "a", "--dtype", "bfloat16"]).dtype == "bfloat16"
