@@ -265,6 +265,21 @@ def _fsdp_requested(fsdp: Any) -> bool:
     return bool(fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+FSDP_MIN_ACCELERATE = "1.6.0"  # the first accelerate whose FullyShardedDataParallelPlugin takes fsdp_version
+
+
+def _check_fsdp_support(fsdp: Any) -> None:
+    """A clear error, before anything changes, when FSDP is asked for and accelerate is too old for it."""
+    import inspect
+
+    import accelerate
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if _fsdp_requested(fsdp) and "fsdp_version" not in inspect.signature(FullyShardedDataParallelPlugin).parameters:
+        raise FastpruneError(f"FSDP needs accelerate >= {FSDP_MIN_ACCELERATE} (transformers 5 passes fsdp_version to "
+                             f"its FSDP plugin); this is accelerate {accelerate.__version__}")
+
+
 def _adapter_state(trainer: Any, peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trained weights, gathered from the FSDP shards of every process (a collective: call it on all).
 
@@ -354,6 +369,7 @@ def recover(model: torch.nn.Module, data: Any, *, tokenizer: Any = None, r: int 
                              f"x {world} process(es)")
     if resume and output_dir is None:
         raise FastpruneError("resume=True needs the output_dir of the interrupted run")
+    _check_fsdp_support(fsdp)
     examples = build_examples(data, tokenizer, seq_len=seq_len, prompt_format=prompt_format,
                               train_on_inputs=train_on_inputs, text_tokens=text_tokens)
     if not examples:

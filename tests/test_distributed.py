@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from models import tiny_llama
 from safetensors.torch import load_file, save_file
-from test_recovery import RECORDS, _write_jsonl, char_tokenizer
+from test_recovery import RECORDS, _write_jsonl, char_tokenizer, needs_fsdp2
 
 from fastprune.discover import discover
 from fastprune.distributed import score_distributed
@@ -125,6 +125,7 @@ def _fsdp_cpu_worker(rank: int, port: int, out: str, how: str) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU accelerate does set up FSDP")
+@needs_fsdp2
 def test_fsdp_on_cpu_is_a_clear_error(tmp_path):
     """accelerate 1.15 enables FSDP only on accelerators: on the CPU (gloo) it sets up MULTI_CPU, i.e. DDP.
 
@@ -193,6 +194,7 @@ def _fsdp_worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
     Path(out, f"fsdp{rank}.json").write_text(json.dumps(summary))
 
 
+@needs_fsdp2
 def test_fsdp2_on_cpu_matches_one_process(tmp_path):
     """recover under FSDP2 (2 gloo processes, accelerate's CPU refusal overridden) against one unsharded process.
 
@@ -207,6 +209,7 @@ def test_fsdp2_on_cpu_matches_one_process(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate enables FSDP only on accelerators")
+@needs_fsdp2
 def test_fsdp2_on_gpus_matches_one_process(tmp_path):
     """The same through accelerate's own FSDP2 path, nothing overridden: 2 GPUs (or 1), nccl, fp32.
 

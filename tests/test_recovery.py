@@ -328,6 +328,34 @@ def test_merge_rules_under_fsdp(tmp_path, monkeypatch):
         _check_fsdp(_FakeTrainer(False, "cpu"), None, None, tmp_path)
 
 
+def _accelerate_has_fsdp2() -> bool:
+    import inspect
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    return "fsdp_version" in inspect.signature(FullyShardedDataParallelPlugin).parameters
+
+
+needs_fsdp2 = pytest.mark.skipif(not _accelerate_has_fsdp2(), reason="accelerate < 1.6 has no FSDP2 (fsdp_version)")
+
+
+def test_fsdp_with_old_accelerate_is_a_clear_error(monkeypatch):
+    import accelerate.utils
+
+    class OldPlugin:  # accelerate < 1.6: no fsdp_version argument
+        def __init__(self, sharding_strategy=None):
+            pass
+
+    monkeypatch.setattr(accelerate.utils, "FullyShardedDataParallelPlugin", OldPlugin)
+    model = tiny_llama()
+    before = _weights(model)
+    with pytest.raises(FastpruneError, match=r"FSDP needs accelerate >= 1\.6"):
+        recover(model, torch.randint(3, 90, (2, 8)), max_steps=1, batch_size=2, micro_batch_size=2,
+                fsdp=True, progress=False)
+    assert not any("lora" in n for n, _ in model.named_modules())
+    assert all(torch.equal(v, before[k]) for k, v in _weights(model).items())
+
+
+@needs_fsdp2
 def test_fsdp_in_one_process_fails_cleanly():
     model = tiny_llama()
     before = _weights(model)
