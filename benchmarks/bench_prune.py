@@ -52,6 +52,7 @@ from common import (  # noqa: E402
     build_model,
     device_name,
     random_calibration,
+    torch_pruning_targets,
     weight_bytes,
 )
 
@@ -218,13 +219,7 @@ def run_torch_pruning(spec: dict) -> dict:
     model, calib = _model_and_calib(spec)
     calib = calib.to(device)
     weights = weight_bytes(model)
-    cfg = model.config
-    num_heads, ignored = {}, [model.lm_head]
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        num_heads.update({attn.q_proj: cfg.num_attention_heads, attn.k_proj: cfg.num_key_value_heads,
-                          attn.v_proj: cfg.num_key_value_heads})
-        ignored += [attn.o_proj, layer.mlp.down_proj]  # keep the residual (hidden) width
+    num_heads, ignored = torch_pruning_targets(model)  # keeps the residual (hidden) width
     params_before = sum(p.numel() for p in model.parameters())
     stages: dict = {}
     dev = torch.device(device)

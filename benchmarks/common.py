@@ -78,3 +78,19 @@ def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     return f"CPU, {torch.get_num_threads()} threads"
+
+
+def torch_pruning_targets(model: torch.nn.Module) -> tuple[dict, list]:
+    """Torch-Pruning's ``num_heads`` and ``ignored_layers`` for a Llama model, matching fastprune's block scope.
+
+    q/k/v carry their head counts; ``o_proj``, ``down_proj`` and ``lm_head`` are ignored so the
+    residual (hidden) width is kept.
+    """
+    cfg = model.config
+    num_heads, ignored = {}, [model.lm_head]
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        num_heads.update({attn.q_proj: cfg.num_attention_heads, attn.k_proj: cfg.num_key_value_heads,
+                          attn.v_proj: cfg.num_key_value_heads})
+        ignored += [attn.o_proj, layer.mlp.down_proj]
+    return num_heads, ignored

@@ -29,6 +29,9 @@ from fastprune.evaluate import perplexity
 from fastprune.models import load_model
 from fastprune.zeroshot import OFFLINE_TASKS, evaluate_zeroshot
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import torch_pruning_targets  # noqa: E402
+
 ROWS: dict[str, dict | None] = {
     "dense": None,
     "random": dict(criterion="random"),
@@ -101,13 +104,7 @@ def torch_pruning_child(args) -> None:
 
     model, tokenizer = load_model("smollm2")
     calib = calibration_batch(tokenizer, "wiki", n_samples=10, seq_len=64, seed=args.seed)
-    cfg = model.config
-    num_heads, ignored = {}, [model.lm_head]
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        num_heads.update({attn.q_proj: cfg.num_attention_heads, attn.k_proj: cfg.num_key_value_heads,
-                          attn.v_proj: cfg.num_key_value_heads})
-        ignored += [attn.o_proj, layer.mlp.down_proj]  # keep the hidden width, as fastprune's block scope
+    num_heads, ignored = torch_pruning_targets(model)  # keeps the hidden width, as fastprune's block scope
     print("STAGE building MetaPruner", flush=True)
     start = time.perf_counter()
     pruner = tp.pruner.MetaPruner(

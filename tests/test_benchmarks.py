@@ -84,3 +84,23 @@ def test_build_model_is_ready():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = random_calibration(model.config.vocab_size, 2, 8)
     assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_quality_table_rows(tmp_path):
+    """benchmarks/quality.py on the real SmolLM2 with tiny budgets: every row is recorded and tabled."""
+    rows = ["dense", "element1 + LoRA", "Torch-Pruning 1.6.1 (Taylor)"]
+    _run([BENCH / "quality.py", "--rows", *rows, "--eval-tokens", "2048", "--zeroshot-items", "2",
+          "--lora-steps", "2", "--tp-timeout", "5", "--out", tmp_path], timeout=900)
+    lines = [json.loads(x) for x in (tmp_path / "quality.jsonl").read_text().splitlines()]
+    assert lines[0]["meta"]["zeroshot_items"] == 2
+    results = {r["row"]: r for r in lines[1:]}
+    assert list(results) == rows
+    dense, pruned = results["dense"], results["element1 + LoRA"]
+    assert 0.78 < pruned["params"] / dense["params"] < 0.82  # 20 % removed
+    for r in (dense, pruned):
+        assert all(r[f"{s}@{n}"] > 1 for s in ("wiki", "austen") for n in (128, 2048))
+        assert len(r["zeroshot"]) == 4 and all(0 <= a <= 100 for a in r["zeroshot"].values())
+    assert pruned["lora"]["steps"] == 2
+    assert "status" in results["Torch-Pruning 1.6.1 (Taylor)"] or "params" in results["Torch-Pruning 1.6.1 (Taylor)"]
+    table = (tmp_path / "quality.md").read_text().splitlines()
+    assert len(table) == 2 + len(rows) and all(row in "\n".join(table) for row in rows)
