@@ -71,8 +71,13 @@ def kept_indices(plan: Plan, graph: PruningGraph) -> dict[tuple[str, int], torch
     return {k: m.nonzero().flatten() for k, m in masks.items()}
 
 
-def apply(model: torch.nn.Module, plan: Plan, graph: PruningGraph | None = None) -> None:
-    """Prune ``model`` in place as ``plan`` says (validated first, one matrix at a time)."""
+def apply(model: torch.nn.Module, plan: Plan, graph: PruningGraph | None = None, *, progress: bool = False) -> None:
+    """Prune ``model`` in place as ``plan`` says (validated first, one matrix at a time).
+
+    ``progress`` shows a bar over the matrices being compacted.
+    """
+    from tqdm.auto import tqdm
+
     if graph is None:
         from fastprune.discover import discover
         graph = discover(model)
@@ -84,7 +89,7 @@ def apply(model: torch.nn.Module, plan: Plan, graph: PruningGraph | None = None)
     for (name, dim), idx in keep.items():
         by_param[name].append((dim, idx))
     with torch.no_grad():
-        for name, dims in by_param.items():
+        for name, dims in tqdm(list(by_param.items()), desc="compaction", unit="matrix", disable=not progress):
             if graph.layer_of(name) in removed_layers:
                 continue
             p = params[name]

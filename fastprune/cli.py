@@ -366,7 +366,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         say(f"saving checkpoint to {args.out} ...")
         evaluation = {f"perplexity {k}": v for k, v in result.get("ppl_after", {}).items()}
         result["checkpoint"] = str(save_pruned(model, args.out, tokenizer=tokenizer, report=report,
-                                               base_model=args.model, evaluation=evaluation or None))
+                                               base_model=args.model, evaluation=evaluation or None,
+                                               progress=progress))
     report_dir = _run_dir("prune", args.report_dir or (None if args.dry_run else args.out))
     result["report_files"] = {k: str(v) for k, v in write_prune_report(report_dir, report, result).items()}
     say(f"report written to {report_dir}/ (report.md, report.json, widths.png)")

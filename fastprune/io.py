@@ -51,15 +51,17 @@ MAX_SAVED_BUFFER = 65536  # elements of a non-persistent buffer that config.json
 def save_pruned(model: torch.nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None,
                 plan: Plan | Sequence[Plan] | None = None, report: PruneReport | None = None,
                 base_model: str | None = None, evaluation: Mapping[str, Any] | None = None,
-                max_shard_size: int | str = "2GB") -> Path:
+                max_shard_size: int | str = "2GB", progress: bool = False) -> Path:
     """Write ``model`` (a pruned Hugging Face model) to ``directory`` as a checkpoint, atomically.
 
     Weights go to safetensors (sharded above ``max_shard_size``), next to ``config.json``, the
     tokenizer, the plan(s) (``fastprune_plan.json``; taken from ``report`` when not given), the
     report (``fastprune_report.json``) and a model card.  ``evaluation`` (metric -> value, or
     ``report.settings["evaluation"]``) goes into the card.  An existing checkpoint at ``directory``
-    is replaced only once the new one is complete.
+    is replaced only once the new one is complete.  ``progress`` shows a bar over the stages
+    (weights, config, tokenizer, plan/report/card, flush to disk and swap).
     """
+    from tqdm.auto import tqdm
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
@@ -70,13 +72,21 @@ def save_pruned(model: torch.nn.Module, directory: str | os.PathLike, *, tokeniz
     target.parent.mkdir(parents=True, exist_ok=True)
     plans = _plans(plan, report)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    bar = tqdm(total=5, desc="saving", unit="stage", disable=not progress)
     try:
+        bar.set_postfix_str("weights")
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        bar.update()
+        bar.set_postfix_str("config")
         vanilla = _write_config(model, tmp)
         if not vanilla:
             shutil.copyfile(Path(remote.__file__), tmp / MODELING_FILE)
+        bar.update()
+        bar.set_postfix_str("tokenizer")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        bar.update()
+        bar.set_postfix_str("plan, report, card")
         if plans:
             text = plans[0].to_json() if len(plans) == 1 else json.dumps([json.loads(p.to_json()) for p in plans],
                                                                         indent=1)
@@ -87,11 +97,16 @@ def save_pruned(model: torch.nn.Module, directory: str | os.PathLike, *, tokeniz
             evaluation = report.settings.get("evaluation")
         card = _model_card(model, report, plans, base_model, evaluation, vanilla, target.name)
         (tmp / "README.md").write_text(card)
+        bar.update()
+        bar.set_postfix_str("flush and swap")
         _fsync_tree(tmp)
         _swap_into_place(tmp, target)
+        bar.update()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        bar.close()
     return target
 
 

@@ -126,7 +126,7 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
         if dry_run:
             break
         with stage(stages, "compaction", device):
-            apply(model, step_plan, graph)
+            apply(model, step_plan, graph, progress=progress)
         if step < steps:
             with stage(stages, "discovery", device):
                 graph = discover(model)

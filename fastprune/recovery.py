@@ -471,7 +471,7 @@ def recover(model: torch.nn.Module, data: Any, *, tokenizer: Any = None, r: int 
         if merge:
             evaluation = {"held-out ppl after recovery": history[-1][1]} if val is not None else None
             result.merged_dir = str(save_pruned(final, out / "merged", tokenizer=tokenizer, plan=plan,
-                                                evaluation=evaluation))
+                                                evaluation=evaluation, progress=progress))
         (out / "recovery.json").write_text(json.dumps(result.to_dict(), indent=1))
     return result
 

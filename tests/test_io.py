@@ -423,3 +423,17 @@ def test_every_family_reloads_with_its_hidden_size_pruned(tmp_path, name):
     _no_pickles(out)
     assert torch.equal(_logits(load_pruned(out)[0]), expected)
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()), expected)
+
+
+def test_compaction_and_saving_show_progress(tmp_path, capsys):
+    """``apply(progress=True)`` counts the compacted matrices; ``save_pruned(progress=True)`` its five stages."""
+    model = tiny_llama(layers=2)
+    graph = discover(model)
+    plan = _plan(graph, {"model.layers.0.mlp": _channels(40, 0)})
+    apply(model, plan, graph, progress=True)
+    save_pruned(model, tmp_path / "ckpt", plan=plan, progress=True)
+    err = capsys.readouterr().err
+    assert "compaction" in err and "3/3" in err  # gate, up and down of layer 0
+    assert "saving" in err and "5/5" in err
+    loaded, _ = load_pruned(tmp_path / "ckpt")
+    torch.testing.assert_close(_logits(loaded), _logits(model))
