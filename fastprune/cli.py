@@ -101,7 +101,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan-out", help="write the plan as JSON here")
     p.add_argument("--dry-run", action="store_true", help="show the plan's effect without changing the model")
     p.add_argument("--uniform", action="store_true",
-                   help="same widths in every layer (all layers pruned): saves a plain Hugging Face checkpoint")
+                   help="same widths in every layer (all layers pruned, first and last too, which costs quality): "
+                        "saves a plain Hugging Face checkpoint; --scope layer also does")
 
 
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
