@@ -87,11 +87,10 @@ def apply(model: torch.nn.Module, plan: Plan, graph: PruningGraph | None = None,
     params = dict(model.named_parameters())
     by_param: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
     for (name, dim), idx in keep.items():
-        by_param[name].append((dim, idx))
+        if graph.layer_of(name) not in removed_layers:  # removed layers are dropped whole below
+            by_param[name].append((dim, idx))
     with torch.no_grad():
         for name, dims in tqdm(list(by_param.items()), desc="compaction", unit="matrix", disable=not progress):
-            if graph.layer_of(name) in removed_layers:
-                continue
             p = params[name]
             data = p.data
             for dim, idx in sorted(dims, key=lambda x: x[0]):
