@@ -19,7 +19,8 @@ from typing import Any
 from fastprune.errors import FastpruneError
 from fastprune.report import json_safe
 
-CRITERIA = ("element1", "element2", "mix", "vectorwise", "l1", "l2", "random")
+CRITERIA = ("element1", "element2", "mix", "vectorwise", "l1", "l2", "random", "fluctuation", "obs")
+METHODS = ("refit", "llm-pruner")  # fastprune.presets.PRESETS (not imported here: the CLI starts fast)
 BENCH_SCRIPTS = {"kernels": "bench_kernels.py", "prune": "bench_prune.py", "quality": "quality.py"}
 USER_ERRORS = (FastpruneError, FileNotFoundError, NotADirectoryError, ValueError)
 
@@ -72,17 +73,35 @@ def _common() -> argparse.ArgumentParser:
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="hub id, local directory, .gguf file, or 'smollm2' (the embedded default)")
-    p.add_argument("--criterion", choices=CRITERIA, default="element1")
-    p.add_argument("--scope", choices=("block", "channel", "layer"), default="block")
-    p.add_argument("--ranking", choices=("local", "global"), default="local")
-    p.add_argument("--aggregation", choices=("sum", "mean", "max", "prod", "first"), default="sum")
+    p.add_argument("--method", choices=METHODS, default="refit",
+                   help="recipe (default refit: LLM-Pruner's scores, then reconstruction; llm-pruner: the "
+                        "faithful LLM-Pruner recipe); the options below override its settings one by one")
+    p.add_argument("--criterion", choices=CRITERIA, default=None, help="importance criterion (method: element1)")
+    p.add_argument("--scope", choices=("block", "channel", "layer"), default=None, help="(method: block)")
+    p.add_argument("--ranking", choices=("local", "global"), default=None, help="(method: local)")
+    p.add_argument("--aggregation", choices=("sum", "mean", "max", "prod", "first"), default=None)
     p.add_argument("--layers", type=int, nargs=2, metavar=("START", "END"),
                    help="block-wise layer range [START, END) (default: LLM-Pruner's 4..30 of 32, scaled)")
     p.add_argument("--round-to", type=_positive_int, default=1, help="keep channel counts multiples of this")
-    p.add_argument("--calib", default="wiki",
-                   help="calibration text: wiki, austen, a .txt/.jsonl file, or a hub name")
-    p.add_argument("--n-samples", type=_positive_int, default=10)
-    p.add_argument("--seq-len", type=_positive_int, default=64)
+    p.add_argument("--max-group-ratio", type=float, default=None,
+                   help="at most this share of any head/channel group goes (a minimum width per layer)")
+    p.add_argument("--calib", default=None,
+                   help="calibration text for the scores: wiki, austen, alpaca, melville, a .txt/.jsonl file, "
+                        "or a hub name (method: wiki)")
+    p.add_argument("--n-samples", type=_positive_int, default=None, help="calibration windows (method: 10)")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="calibration window length (method: 64)")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit the consumers of pruned channels before compaction (method refit: on)")
+    p.add_argument("--recon-calib", default=None,
+                   help="reconstruction text: 'generic' (wiki + alpaca + melville, the default), a source name or "
+                        "a file; several sources separated by '+'")
+    p.add_argument("--recon-samples", type=_positive_int, default=None, help="reconstruction windows (128)")
+    p.add_argument("--recon-seq-len", type=_positive_int, default=None, help="reconstruction window length (128)")
+    p.add_argument("--ridge", type=float, default=None, help="ridge term, relative to the mean input energy (0.01)")
+    p.add_argument("--recon-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="let the refit move the bias (FLAP's compensation; default on)")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="statistics of each layer from the already pruned earlier layers (default off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", default="wiki,austen", help="comma-separated perplexity sets ('' to skip)")
     p.add_argument("--eval-seq-len", type=_positive_int, default=128)
@@ -92,6 +111,8 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     _add_selection_args(p)
     p.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of all parameters to remove")
+    p.add_argument("--ratio-of", choices=("model", "prunable"), default="model",
+                   help="count --ratio over all parameters (default) or over those the scope can remove")
     p.add_argument("--steps", type=_positive_int, default=1, help="iterative pruning in this many steps")
     p.add_argument("--scores", help="reuse importance scores saved with --save-scores (skips calibration)")
     p.add_argument("--save-scores", help="write the importance scores here (safetensors) for later runs")
@@ -289,6 +310,30 @@ def write_prune_report(directory: str | Path, report: Any, result: dict[str, Any
 
 # ---------------------------------------------------------------------------------------------- commands
 
+def resolve_method(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every option the user left unset from ``--method``'s recipe (:mod:`fastprune.presets`)."""
+    from fastprune.presets import resolve
+
+    names = ("criterion", "scope", "ranking", "aggregation", "calib", "n_samples", "seq_len", "reconstruct",
+             "recon_calib", "recon_samples", "recon_seq_len", "ridge", "recon_bias", "sequential", "max_group_ratio")
+    given = {n: getattr(args, n, None) for n in names}
+    if isinstance(given["recon_calib"], str) and "+" in given["recon_calib"]:
+        given["recon_calib"] = given["recon_calib"].split("+")
+    for name, value in resolve(getattr(args, "method", "refit"), given).items():
+        if name != "layers":
+            setattr(args, name, value)
+    return args
+
+
+def _prune_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of :func:`fastprune.prune` that the command line sets."""
+    return dict(method=args.method, criterion=args.criterion, scope=args.scope, ranking=args.ranking,
+                aggregation=args.aggregation, layers=tuple(args.layers) if args.layers else None,
+                round_to=args.round_to, max_group_ratio=args.max_group_ratio, reconstruct=args.reconstruct,
+                recon_calib=args.recon_calib, recon_samples=args.recon_samples, recon_seq_len=args.recon_seq_len,
+                ridge=args.ridge, recon_bias=args.recon_bias, sequential=args.sequential)
+
+
 def _scores_for(model, tokenizer, args, say):
     """Saved scores (``--scores``), or fresh ones written to ``--save-scores``; None lets prune() score."""
     from fastprune.importance import Scores
@@ -313,6 +358,14 @@ def _score(model, tokenizer, args):
     from fastprune.importance import GRADIENT_FREE, score
 
     graph = discover(model)
+    if args.criterion in ("fluctuation", "obs"):
+        from fastprune.activation_scores import activation_scores
+
+        if tokenizer is None:
+            raise FastpruneError(f"the {args.criterion} criterion needs the model's tokenizer for calibration text")
+        tokens = calibration_batch(tokenizer, args.recon_calib, n_samples=args.recon_samples,
+                                   seq_len=args.recon_seq_len, seed=args.seed, bos=None)
+        return activation_scores(model, graph, tokens, args.criterion, ridge=args.ridge, progress=not args.json)
     calib = None
     if args.criterion not in GRADIENT_FREE:
         if tokenizer is None:
@@ -343,12 +396,11 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         result["ppl_before"] = _perplexities(model, tokenizer, sets, [args.eval_seq_len], args.eval_tokens, progress)
         say("perplexity before: " + ", ".join(f"{k} {v:.2f}" for k, v in result["ppl_before"].items()))
     scores = _scores_for(model, tokenizer, args, say)
-    report = fastprune.prune(model, args.ratio, criterion=scores.criterion if scores else args.criterion,
-                             scope=args.scope, ranking=args.ranking, aggregation=args.aggregation,
-                             layers=tuple(args.layers) if args.layers else None, round_to=args.round_to,
-                             calib=args.calib, tokenizer=tokenizer, n_samples=args.n_samples,
+    options = dict(_prune_options(args), criterion=scores.criterion if scores else args.criterion)
+    report = fastprune.prune(model, args.ratio, calib=args.calib, tokenizer=tokenizer, n_samples=args.n_samples,
                              seq_len=args.seq_len, steps=args.steps, seed=args.seed, scores=scores,
-                             dry_run=args.dry_run, uniform=args.uniform, progress=progress)
+                             dry_run=args.dry_run, uniform=args.uniform, progress=progress,
+                             ratio_of=args.ratio_of, **options)
     say(report.summary())
     result["report"] = report.to_dict()
     if args.plan_out:
@@ -396,9 +448,8 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
              **_perplexities(model, tokenizer, sets, [args.eval_seq_len], args.eval_tokens, False)}]
     for ratio in tqdm(sorted(set(args.ratios) - {0.0}), desc="sweep", unit="ratio", disable=not progress):
         pruned = copy.deepcopy(model)
-        report = fastprune.prune(pruned, ratio, criterion=args.criterion, scope=args.scope, ranking=args.ranking,
-                                 aggregation=args.aggregation, layers=tuple(args.layers) if args.layers else None,
-                                 round_to=args.round_to, tokenizer=tokenizer, scores=scores, progress=False)
+        report = fastprune.prune(pruned, ratio, tokenizer=tokenizer, scores=scores, seed=args.seed, progress=False,
+                                 **_prune_options(args))
         rows.append({"ratio": ratio, "params": report.params_after, "ratio_achieved": report.ratio_achieved,
                      **_perplexities(pruned, tokenizer, sets, [args.eval_seq_len], args.eval_tokens, False)})
         del pruned
@@ -573,6 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     commands = {"prune": cmd_prune, "sweep": cmd_sweep, "eval": cmd_eval, "inspect": cmd_inspect, "tune": cmd_tune}
     try:
+        if args.command in ("prune", "sweep"):
+            resolve_method(args)
         result = cmd_bench(args, extra) if args.command == "bench" else commands[args.command](args)
     except USER_ERRORS as exc:
         print(f"fastprune: error: {exc}", file=sys.stderr)

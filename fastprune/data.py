@@ -5,6 +5,10 @@ when it is not installed), ``"wiki-excerpt"`` (always the bundled excerpt), ``"a
 Austen excerpts), a local ``.txt``/``.jsonl``/``.json`` file, or a hub dataset name (``wikitext2``, ``ptb``,
 ``c4`` or any ``datasets`` name; needs the ``datasets`` package and the hub).
 
+``alpaca`` (the bundled Alpaca-format sample as plain text) and ``melville`` (a bundled excerpt of
+*Moby-Dick*) are generic text for calibration mixes; a list of sources, or ``"generic"`` (wiki, alpaca
+and melville), draws the calibration windows evenly from each (:func:`calibration_batch`).
+
 Every source has two disjoint splits, ``"calib"`` and ``"eval"`` (see ``resources/README.md``):
 Wikipedia is split by a hash of the article title, Austen by book (Pride and Prejudice / Emma), and
 local files by position (first 80 % / last 20 %).
@@ -180,6 +184,21 @@ def _hub_texts(name: str, split: str, field: str) -> list[str]:
     return [t for t in ds[text_field] if t and t.strip()]
 
 
+GENERIC_MIX = ("wiki", "alpaca", "melville")  # the default reconstruction calibration: three kinds of generic text
+MIX_NAME = "generic"
+
+
+def _alpaca_texts(split: str) -> list[str]:
+    """The bundled Alpaca-format sample as plain text (instruction, input, response), split by position."""
+    docs = []
+    with open(RESOURCES / "alpaca_sample.jsonl", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                docs.append("\n".join(x for x in (r.get("instruction"), r.get("input"), r.get("output")) if x))
+    return split_by_position(docs, split)
+
+
 def load_texts(source: str | Path, split: str = "calib", *, field: str = "text") -> list[str]:
     """The documents of one split of ``source`` (see the module docstring); ``field`` names the text
     field of JSON/JSONL records and of generic hub datasets."""
@@ -191,6 +210,10 @@ def load_texts(source: str | Path, split: str = "calib", *, field: str = "text")
     if name == "austen":
         book = "austen_pride_and_prejudice.txt" if split == "calib" else "austen_emma.txt"
         return _paragraphs((RESOURCES / book).read_text(encoding="utf-8"))
+    if name == "alpaca":
+        return _alpaca_texts(split)
+    if name == "melville":
+        return split_by_position(_paragraphs((RESOURCES / "melville_moby_dick.txt").read_text(encoding="utf-8")), split)
     path = Path(name).expanduser()
     if path.is_file():
         return _file_texts(path, split, field)
@@ -235,15 +258,46 @@ def _chat_window(tokenizer: Any, window: list[int], seq_len: int) -> list[int]:
     return ids
 
 
-def calibration_batch(tokenizer: Any, source: str | Path | torch.Tensor = "wiki", n_samples: int = 10,
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` puts a BOS token in front of encoded text (as lm-eval's inputs have it)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def _bos_prefix(tokenizer: Any, bos: bool | None) -> list[int]:
+    if bos is None:
+        bos = adds_bos(tokenizer)
+    if bos and getattr(tokenizer, "bos_token_id", None) is None:
+        raise FastpruneError("bos=True but the tokenizer has no BOS token")
+    return [tokenizer.bos_token_id] if bos else []
+
+
+def mix_sources(source: Any) -> list[str | Path] | None:
+    """The sources of a calibration mix (a list/tuple of sources, or ``"generic"``), or None for one source."""
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise FastpruneError("an empty list of calibration sources")
+        return list(source)
+    if isinstance(source, str) and source == MIX_NAME:
+        return list(GENERIC_MIX)
+    return None
+
+
+def calibration_batch(tokenizer: Any, source: str | Path | torch.Tensor | list = "wiki", n_samples: int = 10,
                       seq_len: int = 64, seed: int = 0, chat_template: bool = False, *,
-                      field: str = "text") -> torch.Tensor:
+                      field: str = "text", bos: bool | None = False) -> torch.Tensor:
     """``n_samples`` windows of exactly ``seq_len`` tokens from the calibration split, as a (n, seq_len) LongTensor.
 
     As LLM-Pruner: texts in a random order (by ``seed``), each long enough text gives one window at a
     random offset.  When too few texts are long enough, the rest of the windows come from the texts
     joined into one stream.  ``chat_template`` wraps each window as a user message of the tokenizer's chat
     template (for instruct models).  A pre-tokenised LongTensor ``source`` is validated and returned.
+    A list of sources (or ``"generic"``: wiki, alpaca, melville) draws ``n_samples`` windows evenly from
+    each, each source with its own seeded order.  ``bos=True`` starts every window with the tokenizer's
+    BOS token (``seq_len - 1`` text tokens follow); ``None`` does so when the tokenizer adds one.
     """
     if isinstance(source, torch.Tensor):
         return check_tokens(source, _vocab_size(tokenizer), "calibration tokens")
@@ -253,9 +307,26 @@ def calibration_batch(tokenizer: Any, source: str | Path | torch.Tensor = "wiki"
         raise FastpruneError(f"need n_samples >= 1 and seq_len >= 2, got {n_samples} and {seq_len}")
     if chat_template and not getattr(tokenizer, "chat_template", None):
         raise FastpruneError("chat_template=True but the tokenizer has no chat template")
+    prefix = _bos_prefix(tokenizer, bos)
+    sources = mix_sources(source)
+    if sources is None:
+        windows = _windows(tokenizer, source, n_samples, seq_len - len(prefix), random.Random(seed), field)
+    else:
+        windows = []
+        for k, src in enumerate(sources):
+            count = n_samples // len(sources) + (1 if k < n_samples % len(sources) else 0)
+            if count:
+                rng = random.Random(f"{seed}/{src}")
+                windows += _windows(tokenizer, src, count, seq_len - len(prefix), rng, field)
+    if chat_template:
+        windows = [_chat_window(tokenizer, w, seq_len - len(prefix)) for w in windows]
+    return torch.tensor([prefix + w for w in windows], dtype=torch.long)
 
+
+def _windows(tokenizer: Any, source: str | Path, n_samples: int, seq_len: int, rng: random.Random,
+             field: str) -> list[list[int]]:
+    """``n_samples`` windows of ``seq_len`` tokens of one source's calibration split (LLM-Pruner's sampling)."""
     texts = load_texts(source, "calib", field=field)
-    rng = random.Random(seed)
     order = list(range(len(texts)))
     rng.shuffle(order)
     shuffled = [texts[i] for i in order]
@@ -276,9 +347,7 @@ def calibration_batch(tokenizer: Any, source: str | Path | torch.Tensor = "wiki"
         while len(windows) < n_samples:
             start = rng.randrange(len(stream) - seq_len + 1)
             windows.append(stream[start:start + seq_len])
-    if chat_template:
-        windows = [_chat_window(tokenizer, w, seq_len) for w in windows]
-    return torch.tensor(windows, dtype=torch.long)
+    return windows
 
 
 def eval_tokens(tokenizer: Any, source: str | Path | torch.Tensor, split: str = "eval",

@@ -44,8 +44,13 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def perplexity(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int = 128, batch_size: int = 8,
-               max_windows: int | None = None, progress: bool = True) -> PerplexityResult:
+               max_windows: int | None = None, progress: bool = True,
+               bos_token_id: int | None = None) -> PerplexityResult:
     """Perplexity of ``model`` on ``tokens`` ((1, N) or (N,) token ids) in non-overlapping ``seq_len`` windows.
+
+    With ``bos_token_id`` every window is that token followed by ``seq_len - 1`` text tokens (as lm-eval
+    feeds models whose tokenizer adds a BOS token; Gemma-family models need it); the loss covers the
+    text tokens only, ``seq_len - 1`` per window either way.
 
     The tail shorter than ``seq_len`` is dropped.  Runs under ``no_grad`` in eval mode on the model's
     device (the model's training mode is restored afterwards) and accumulates the loss in float64.
@@ -54,12 +59,16 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int = 128,
         raise FastpruneError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len} and {batch_size}")
     flat = check_tokens(tokens.reshape(1, -1) if tokens.dim() == 1 else tokens,
                         getattr(getattr(model, "config", None), "vocab_size", None), "evaluation tokens").reshape(-1)
-    windows = flat.numel() // seq_len
+    step = seq_len - (bos_token_id is not None)
+    windows = flat.numel() // step
     if max_windows is not None:
         windows = min(windows, max_windows)
     if windows < 1:
         raise FastpruneError(f"{flat.numel()} tokens are fewer than one window of seq_len={seq_len}")
-    batches = flat[:windows * seq_len].view(windows, seq_len).split(batch_size)
+    text = flat[:windows * step].view(windows, step)
+    if bos_token_id is not None:
+        text = torch.cat([torch.full((windows, 1), bos_token_id, dtype=text.dtype), text], dim=1)
+    batches = text.split(batch_size)
 
     device = _device(model)
     was_training = model.training

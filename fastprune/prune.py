@@ -11,11 +11,17 @@ from typing import Any
 
 import torch
 
+from fastprune import presets
+from fastprune.activation_scores import ACTIVATION_CRITERIA
 from fastprune.apply import apply, kept_indices, layer_widths, update_config
 from fastprune.discover import discover
 from fastprune.errors import FastpruneError
 from fastprune.graph import PruningGraph
 from fastprune.plan import Plan
+from fastprune.presets import DEFAULT_METHOD
+from fastprune.ratio import RATIO_OF, cut_warning, ratio_meaning
+from fastprune.reconstruct import attach_biases
+from fastprune.reconstruct import reconstruct as run_reconstruction
 from fastprune.report import PruneReport, StageStat, stage
 
 GRADIENT_FREE = {"random", "l1", "l2"}
@@ -46,36 +52,75 @@ def _hidden_size(graph: PruningGraph, plan: Plan | None = None) -> int | None:
     return None
 
 
-def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str = "element1",
-          scope: str = "block", ranking: str = "local", aggregation: str = "sum",
-          layers: tuple[int, int] | None = None, round_to: int = 1, group_ratio: float | None = None,
-          calib: torch.Tensor | str | None = None, tokenizer: Any = None, n_samples: int = 10,
-          seq_len: int = 64, steps: int = 1, seed: int = 0, scores: Any = None, plan: Plan | None = None,
-          dry_run: bool = False, uniform: bool = False, progress: bool = True) -> PruneReport:
+_UNSET: Any = None  # an option left to the method's preset
+
+
+def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DEFAULT_METHOD,
+          criterion: str | None = _UNSET, scope: str | None = _UNSET, ranking: str | None = _UNSET,
+          aggregation: str | None = _UNSET, layers: tuple[int, int] | None = _UNSET, round_to: int = 1,
+          group_ratio: float | None = None, calib: torch.Tensor | str | None = _UNSET, tokenizer: Any = None,
+          n_samples: int | None = _UNSET, seq_len: int | None = _UNSET, steps: int = 1, seed: int = 0,
+          scores: Any = None, plan: Plan | None = None, dry_run: bool = False, uniform: bool = False,
+          progress: bool = True, reconstruct: bool | None = _UNSET, recon_calib: Any = _UNSET,
+          recon_samples: int | None = _UNSET, recon_seq_len: int | None = _UNSET, ridge: float | None = _UNSET,
+          recon_bias: bool | None = _UNSET, sequential: bool | None = _UNSET,
+          max_group_ratio: float | None = _UNSET, ratio_of: str = "model") -> PruneReport:
     """Prune ``model`` in place so that about ``ratio`` of its parameters are removed.
 
-    ``criterion``: random, l1, l2, element1, element2, mix, vectorwise.  ``scope``: block
-    (attention head groups and MLP channels inside ``layers``), channel (hidden dimension) or
-    layer (whole layers).  ``ranking``: local (one ratio per group) or global.  ``steps > 1``
-    prunes iteratively with fresh scores each step.  ``scores`` reuses saved scores (one step
-    only); ``plan`` applies a ready plan; ``dry_run`` computes the plan and the report without
+    ``method`` names a recipe (:mod:`fastprune.presets`: ``refit``, the default, or ``llm-pruner``);
+    every option left as None takes the recipe's value.  ``criterion``: random, l1, l2, element1,
+    element2, mix, vectorwise (LLM-Pruner's) or fluctuation, obs (activation statistics, see
+    :mod:`fastprune.activation_scores`).  ``scope``: block (attention head groups and MLP channels
+    inside ``layers``), channel (hidden dimension) or layer (whole layers).  ``ranking``: local (one
+    ratio per group) or global.  ``max_group_ratio`` caps the share of any group that may go.
+    ``steps > 1`` prunes iteratively with fresh scores each step.  ``scores`` reuses saved scores (one
+    step only); ``plan`` applies a ready plan; ``dry_run`` computes the plan and the report without
     touching the model.  ``uniform`` prunes every layer by the same amount (block scope), so the
     result saves with a plain config that any Hugging Face loader reads; what that config cannot
     express (BLOOM derives head_dim from hidden/n_head and has no MLP width field) is left
-    unpruned, with a warning.  Warnings (also discovery's) are issued and kept in
-    ``report.settings["warnings"]``.
+    unpruned, with a warning.
+
+    ``reconstruct`` refits the consumers of the pruned channels before compaction
+    (:mod:`fastprune.reconstruct`) on ``recon_samples`` x ``recon_seq_len`` tokens of ``recon_calib``
+    (default: the generic mix of :mod:`fastprune.data`; a LongTensor or any calibration source),
+    with ridge term ``ridge``, a bias term (``recon_bias``) and optionally ``sequential`` statistics.
+
+    ``ratio_of="prunable"`` counts ``ratio`` over the parameters the scope can remove instead of all
+    parameters.  Before anything changes, the report states what the ratio means (the embeddings'
+    share, the share of each pruned layer's heads and channels that goes:
+    ``report.settings["ratio_meaning"]``) and warns when a pruned layer would lose more than 40 %.
+    Warnings (also discovery's) are issued and kept in ``report.settings["warnings"]``.
     Returns a :class:`PruneReport` (the plan is in ``report.settings``).
     """
     from fastprune.importance import score
     from fastprune.select import select
 
+    opts = presets.resolve(method, dict(
+        criterion=criterion, scope=scope, ranking=ranking, aggregation=aggregation, layers=layers, calib=calib,
+        n_samples=n_samples, seq_len=seq_len, reconstruct=reconstruct, recon_calib=recon_calib,
+        recon_samples=recon_samples, recon_seq_len=recon_seq_len, ridge=ridge, recon_bias=recon_bias,
+        sequential=sequential, max_group_ratio=max_group_ratio))
+    if recon_calib is None and isinstance(calib, torch.Tensor):
+        opts["recon_calib"] = calib  # the caller's own tokens serve reconstruction too
+    criterion, scope, ranking, aggregation = opts["criterion"], opts["scope"], opts["ranking"], opts["aggregation"]
+    layers, calib, n_samples, seq_len = opts["layers"], opts["calib"], opts["n_samples"], opts["seq_len"]
     _check_ratio(ratio)
+    if ratio_of not in RATIO_OF:
+        raise FastpruneError(f"ratio_of must be one of {RATIO_OF}, got {ratio_of!r}")
     if steps < 1:
         raise FastpruneError(f"steps must be at least 1, got {steps}")
     if (scores is not None or plan is not None) and steps != 1:
         raise FastpruneError("saved scores or a ready plan can only be used with steps=1")
     if dry_run and steps != 1:
         raise FastpruneError("dry_run previews one step; use steps=1")
+    do_reconstruct = bool(opts["reconstruct"])
+    if do_reconstruct and scope != "block":
+        raise FastpruneError(f"reconstruction refits the consumers of pruned heads and MLP channels (block scope); "
+                             f"scope={scope!r} has none: pass reconstruct=False")
+    activation = criterion in ACTIVATION_CRITERIA
+    if (do_reconstruct or activation) and not isinstance(opts["recon_calib"], torch.Tensor) and tokenizer is None:
+        raise FastpruneError("reconstruction and activation criteria need calibration text: pass tokenizer=... "
+                             "or recon_calib=<LongTensor of token ids>")
     device = next(model.parameters()).device
     heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
     if scope == "channel" and isinstance(heads, int) and heads > 0:
@@ -92,24 +137,44 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
     excluded: dict[str, str] = {}  # uniform: group kinds the config cannot express -> why
     if uniform and plan is None:
         excluded = _config_limits(model, graph, notes)
+    requested = ratio if plan is None else None
+    if ratio is not None and ratio_of == "prunable":
+        from fastprune.select import prunable_params
+        ratio = ratio * prunable_params(graph, scope, layers, uniform) / params_before
+    reserve = 0  # parameters the refit's bias term will add: selection removes that many more
+    if do_reconstruct and opts["recon_bias"] and ratio and plan is None and group_ratio is None:
+        from fastprune.reconstruct import bias_overhead
+        reserve = bias_overhead(model, graph)
+    recon_tokens = None
+    recon_reports = []
+    meaning: dict[str, Any] = {}
     for step in range(1, steps + 1):
         if plan is not None:
             step_plan = plan
         else:
             step_scores = scores
+            if (do_reconstruct or activation) and recon_tokens is None:
+                with stage(stages, "calibration", device):
+                    recon_tokens = _recon_calibration(opts, tokenizer, seed)
             if step_scores is None:
-                tokens = None
-                if criterion not in GRADIENT_FREE:
-                    with stage(stages, "calibration", device):
-                        tokens = _calibration(model, calib, tokenizer, n_samples, seq_len, seed + step - 1)
-                with stage(stages, "scoring", device):
-                    step_scores = score(model, graph, tokens, criterion=criterion, seed=seed + step - 1,
-                                        progress=progress)
+                if activation:
+                    from fastprune.activation_scores import activation_scores
+                    with stage(stages, "scoring", device):
+                        step_scores = activation_scores(model, graph, recon_tokens, criterion, ridge=opts["ridge"],
+                                                        progress=progress)
+                else:
+                    tokens = None
+                    if criterion not in GRADIENT_FREE:
+                        with stage(stages, "calibration", device):
+                            tokens = _calibration(model, calib, tokenizer, n_samples, seq_len, seed + step - 1)
+                    with stage(stages, "scoring", device):
+                        step_scores = score(model, graph, tokens, criterion=criterion, seed=seed + step - 1,
+                                            progress=progress)
             target = None
             if ratio is not None and steps == 1:
-                target = ratio
+                target = ratio + reserve / params_before
             elif ratio is not None:  # the cumulative target, as a fraction of the current model
-                remaining = params_before * (1 - ratio * step / steps)
+                remaining = params_before * (1 - ratio * step / steps) - reserve
                 target = max(0.0, 1 - remaining / graph.total_params)
             step_group_ratio = None if group_ratio is None else 1 - (1 - group_ratio) ** (1 / steps)
 
@@ -117,16 +182,33 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
                        step_group_ratio=step_group_ratio) -> Plan:
                 return select(view, step_scores, target if group_ratio is None else None,
                               group_ratio=step_group_ratio, scope=scope, layers=layers, ranking=ranking,
-                              aggregation=aggregation, round_to=round_to, uniform=uniform)
+                              aggregation=aggregation, round_to=round_to, uniform=uniform,
+                              max_group_ratio=opts["max_group_ratio"])
 
             with stage(stages, "selection", device):
                 step_plan = _uniform_plan(model, graph, choose, excluded) if uniform else choose(graph)
         plans.append(step_plan)
         step_widths = layer_widths(model, graph, step_plan)  # before apply: the config still matches the graph
+        if step == 1:
+            meaning = ratio_meaning(model, graph, step_plan)
+            _note(notes, [w for w in [cut_warning(meaning, requested, ratio_of)] if w])
         if dry_run:
             break
+        recon = None
+        if do_reconstruct:
+            if recon_tokens is None:
+                with stage(stages, "calibration", device):
+                    recon_tokens = _recon_calibration(opts, tokenizer, seed)
+            with stage(stages, "reconstruction", device):
+                recon = run_reconstruction(model, graph, step_plan, recon_tokens, ridge=opts["ridge"],
+                                           bias=opts["recon_bias"], sequential=opts["sequential"], progress=progress,
+                                           require_bias=uniform)
+            recon_reports.append(recon.summary())
+            _note(notes, recon.skipped)
         with stage(stages, "compaction", device):
             apply(model, step_plan, graph, progress=progress)
+        if recon is not None:
+            attach_biases(model, recon, step_plan, graph)
         if step < steps:
             with stage(stages, "discovery", device):
                 graph = discover(model)
@@ -144,16 +226,39 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
     widths_after = {original_index[i]: w for i, w in step_widths.items()}
     hidden_after = _hidden_size(graph, last)
     layers_after = graph.num_layers - len(last.remove_layers)
-    settings = {"criterion": criterion, "scope": scope, "ranking": ranking, "aggregation": aggregation,
-                "ratio": ratio, "group_ratio": group_ratio, "steps": steps, "n_samples": n_samples,
-                "seq_len": seq_len, "seed": seed, "round_to": round_to, "uniform": uniform,
-                "plans": [p.to_json() for p in plans], "warnings": notes}
+    settings = {"method": method, "criterion": criterion, "scope": scope, "ranking": ranking,
+                "aggregation": aggregation, "ratio": ratio, "ratio_of": ratio_of, "group_ratio": group_ratio,
+                "steps": steps, "n_samples": n_samples, "seq_len": seq_len, "seed": seed, "round_to": round_to,
+                "uniform": uniform, "max_group_ratio": opts["max_group_ratio"], "reconstruct": do_reconstruct,
+                "plans": [p.to_json() for p in plans], "warnings": notes, "ratio_meaning": meaning}
+    if do_reconstruct:
+        settings["reconstruction"] = {"calib": _source_name(opts["recon_calib"]), "n_samples": opts["recon_samples"],
+                                      "seq_len": opts["recon_seq_len"], "ridge": opts["ridge"],
+                                      "bias": opts["recon_bias"], "sequential": opts["sequential"],
+                                      "steps": recon_reports}
     return PruneReport(params_before=params_before, params_after=params_after,
                        ratio_target=ratio if ratio is not None else float("nan"),
                        widths_before=widths_before, widths_after=widths_after,
                        hidden_before=_hidden_size(original), hidden_after=hidden_after,
                        layers_before=original.num_layers, layers_after=layers_after, stages=stages,
                        settings=settings, dry_run=dry_run)
+
+
+def _source_name(source: Any) -> Any:
+    if isinstance(source, torch.Tensor):
+        return f"tensor {tuple(source.shape)}"
+    return [str(s) for s in source] if isinstance(source, (list, tuple)) else str(source)
+
+
+def _recon_calibration(opts: dict[str, Any], tokenizer: Any, seed: int) -> torch.Tensor:
+    """The reconstruction / activation-criteria calibration tokens (their own budget and mix)."""
+    from fastprune import data
+
+    source = opts["recon_calib"]
+    if isinstance(source, torch.Tensor):
+        return data.calibration_batch(tokenizer, source)
+    return data.calibration_batch(tokenizer, source, n_samples=opts["recon_samples"], seq_len=opts["recon_seq_len"],
+                                  seed=seed, bos=None)
 
 
 def _note(notes: list[str], new: list[str]) -> None:

@@ -88,6 +88,19 @@ class PruneReport:
                 continue
             cells = [f"{b.get(k, '-')}->{a.get(k, '-')}" for k in ("heads", "kv_heads", "intermediate")]
             lines.append(f"{layer:>5}  {cells[0]:<10} {cells[1]:<10} {cells[2]}")
+        meaning = self.settings.get("ratio_meaning") or {}
+        cuts = list((meaning.get("layer_cut") or {}).values())
+        if cuts:
+            lines.append(f"ratio meaning: embeddings are {meaning['embedding_share']:.0%} of the model, heads and "
+                         f"MLP channels {meaning['prunable_share']:.0%}; the {len(cuts)} pruned layers lose "
+                         f"{sum(cuts) / len(cuts):.0%} of those on average, at most {max(cuts):.0%}")
+        recon = self.settings.get("reconstruction")
+        if recon and recon.get("steps"):
+            done = recon["steps"][-1]
+            left = done.get("mean_error_left")
+            lines.append(f"reconstruction: {done['consumers']} projections refitted on {done['tokens']:,} tokens "
+                         f"({recon['calib']}), ridge {recon['ridge']}, bias {'on' if recon['bias'] else 'off'}"
+                         + (f"; {left:.0%} of the removal error left" if left is not None else ""))
         for text in self.settings.get("warnings") or ():
             lines.append(f"warning: {text}")
         for name, st in self.stages.items():

@@ -88,19 +88,26 @@ def predicted_params(graph: PruningGraph, plan: Plan) -> int:
 def select(graph: PruningGraph, scores: Scores, ratio: float | None = None, *,
            group_ratio: float | None = None, scope: str = "block",
            layers: tuple[int, int] | range | None = None, ranking: str = "local",
-           aggregation: str = "sum", round_to: int = 1, min_keep_heads: int = 1, uniform: bool = False) -> Plan:
+           aggregation: str = "sum", round_to: int = 1, min_keep_heads: int = 1, uniform: bool = False,
+           max_group_ratio: float | None = None) -> Plan:
     """Choose what to remove so that about ``ratio`` of all parameters go (see the module notes).
 
     ``uniform=True`` (block scope) removes the same number of head groups and of MLP channels in
     every layer, all layers included, so the pruned model has one width per kind and a plain
-    Hugging Face config describes it.
+    Hugging Face config describes it.  ``max_group_ratio`` caps the share of any group's elements
+    that may go (a minimum width per layer: with global ranking over every layer, a layer is never
+    emptied whatever its scores say).
     """
     if uniform and (scope != "block" or ranking != "local"):
         raise FastpruneError("uniform pruning works with scope='block' and ranking='local'")
     _check_args(graph, scores, ratio, group_ratio, scope, ranking, round_to, min_keep_heads)
+    if max_group_ratio is not None and not 0 < max_group_ratio <= 1:
+        raise FastpruneError(f"max_group_ratio must be in (0, 1], got {max_group_ratio!r}")
     settings = {"criterion": scores.criterion, "aggregation": aggregation, "scope": scope,
                 "ranking": ranking, "ratio": ratio, "group_ratio": group_ratio, "round_to": round_to,
                 "min_keep_heads": min_keep_heads, "uniform": uniform}
+    if max_group_ratio is not None:
+        settings["max_group_ratio"] = max_group_ratio
     plan = Plan(fingerprint=graph.fingerprint, group_sizes={g.name: g.size for g in graph.groups},
                 settings=settings)
     total = graph.total_params
@@ -110,15 +117,8 @@ def select(graph: PruningGraph, scores: Scores, ratio: float | None = None, *,
         if ratio:
             plan.remove_layers = _select_layers(graph, scores, ratio, span)
     else:
-        if scope == "block":
-            default = (0, graph.num_layers) if uniform else default_layers(graph.num_layers)
-            span = _layer_range(graph, layers, default=default)
-            settings["layers"] = list(span)
-            groups = [g for g in graph.groups if g.kind in ("heads", "channels")
-                      and (g.layer is None or span[0] <= g.layer < span[1])]
-        else:
-            settings["layers"] = None  # the hidden dimension spans every layer
-            groups = graph.groups_of("hidden")
+        groups, span = scope_groups(graph, scope, layers, uniform)
+        settings["layers"] = list(span) if span else None  # the hidden dimension spans every layer
         if not groups:
             raise FastpruneError(f"nothing to prune in scope {scope!r}"
                                  + (f" within layers {settings['layers']}" if scope == "block" else ""))
@@ -129,7 +129,7 @@ def select(graph: PruningGraph, scores: Scores, ratio: float | None = None, *,
                 raise FastpruneError(f"the scores have no entry for group {missing[0]!r}")
             align = EXPERT_ALIGN if any(g.experts for g in graph.groups) else 1
             cands = [_Candidate(g, agg[g.name], graph, math.lcm(round_to, align) if g.experts or g.kind == "hidden"
-                                else round_to, min_keep_heads) for g in groups]
+                                else round_to, min_keep_heads, max_group_ratio) for g in groups]
             if group_ratio is not None:
                 counts = [c.nearest(group_ratio * c.group.size) for c in cands]
             else:
@@ -144,6 +144,28 @@ def select(graph: PruningGraph, scores: Scores, ratio: float | None = None, *,
                              + f": the closest plan removes {achieved:.4f}; at most {best:.4f} can go "
                              f"with round_to={round_to}, min_keep_heads={min_keep_heads}")
     return plan
+
+
+def scope_groups(graph: PruningGraph, scope: str, layers=None,
+                 uniform: bool = False) -> tuple[list[Group], tuple[int, int] | None]:
+    """The groups ``scope`` may prune (block: heads and MLP channels in the layer range; channel: the
+    hidden group) and the layer range used (None for the channel scope)."""
+    if scope == "block":
+        default = (0, graph.num_layers) if uniform else default_layers(graph.num_layers)
+        span = _layer_range(graph, layers, default=default)
+        return [g for g in graph.groups if g.kind in ("heads", "channels")
+                and (g.layer is None or span[0] <= g.layer < span[1])], span
+    return graph.groups_of("hidden"), None
+
+
+def prunable_params(graph: PruningGraph, scope: str, layers=None, uniform: bool = False) -> int:
+    """Parameters that ``scope`` can remove: the weights its groups own (block, channel) or its layers hold."""
+    if scope == "layer":
+        span = _layer_range(graph, layers, default=(0, graph.num_layers))
+        return sum(math.prod(shape) for name, shape in graph.param_shapes.items()
+                   if graph.layer_of(name) is not None and span[0] <= graph.layer_of(name) < span[1])
+    groups, _ = scope_groups(graph, scope, layers, uniform)
+    return sum(g.size * g.params_per_element(graph.param_shapes) for g in groups)
 
 
 # ---------------------------------------------------------------- helpers
@@ -188,7 +210,7 @@ class _Candidate:
     """One group's scores, allowed removal counts and per-element parameter cost."""
 
     def __init__(self, group: Group, agg: torch.Tensor, graph: PruningGraph, round_to: int,
-                 min_keep_heads: int):
+                 min_keep_heads: int, max_group_ratio: float | None = None):
         self.group = group
         self.cost = group.params_per_element(graph.param_shapes)
         self.order = torch.sort(agg, stable=True).indices  # lowest score first, ties by index
@@ -202,6 +224,9 @@ class _Candidate:
         else:
             kept = list(range(round_to, size + 1, round_to)) or list(range(1, size + 1))
             self.allowed = sorted({0} | {size - k for k in kept})
+        if max_group_ratio is not None:
+            limit = math.floor(max_group_ratio * size + 1e-9)
+            self.allowed = [n for n in self.allowed if n <= limit] or [0]
 
     def nearest(self, x: float) -> int:
         """The allowed removal count nearest ``x`` (the lower one on a tie)."""

@@ -336,7 +336,8 @@ def test_baichuan13_alibi_mask_follows_the_kept_heads_with_a_cache():
 def test_baichuan13_prunes_iteratively():
     model = _make("baichuan13_alibi")
     ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(4))
-    report = fastprune.prune(model, None, group_ratio=0.4, criterion="l1", layers=(0, 3), steps=2, progress=False)
+    report = fastprune.prune(model, None, group_ratio=0.4, criterion="l1", layers=(0, 3), steps=2,
+                             method="llm-pruner", progress=False)
     assert [w["heads"] for w in report.widths_after.values()] == [4, 4, 4]  # one head per step and layer
     for layer in model.model.layers:  # the mask rows kept are the surviving heads' original indices
         rows = layer.self_attn._fastprune_head_rows["heads"]

@@ -16,7 +16,7 @@ from fastprune.inference import benchmark, compile_check, format_table, kv_cache
 def pair():
     dense = tiny_llama(heads=6, kv_heads=3, layers=4)
     pruned = copy.deepcopy(dense)
-    fastprune.prune(pruned, None, group_ratio=0.5, criterion="l2", layers=(0, 4), progress=False)
+    fastprune.prune(pruned, None, group_ratio=0.5, criterion="l2", layers=(0, 4), method="llm-pruner", progress=False)
     return dense, pruned
 
 

@@ -194,7 +194,7 @@ def test_expert_channel_scores_sum_over_every_expert():
 def test_prune_removes_expert_channels_in_aligned_steps():
     model = _make("mixtral")
     before = {i: layer.mlp.experts.gate_up_proj.shape[1] // 2 for i, layer in enumerate(model.model.layers)}
-    report = fastprune.prune(model, 0.2, calib=_ids(0, (4, 16)), progress=False)
+    report = fastprune.prune(model, 0.2, calib=_ids(0, (4, 16)), method="llm-pruner", progress=False)
     after = {i: layer.mlp.experts.gate_up_proj.shape[1] // 2 for i, layer in enumerate(model.model.layers)}
     assert any(after[i] < before[i] for i in before)
     assert all(w % 8 == 0 for w in after.values())  # grouped_mm needs 16-byte aligned expert rows

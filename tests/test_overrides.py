@@ -82,7 +82,8 @@ def test_unmapped_op_is_named_with_its_module_and_the_fix():
     assert ("fastprune.register_override('KernelLM', fastprune.Override(couplings=[((producer_param, out_dim), "
             "(consumer_param, in_dim))]))") in message
     with pytest.warns(UserWarning) as issued:
-        report = fastprune.prune(KernelLM(), None, group_ratio=0.2, criterion="l1", layers=(0, 3), progress=False)
+        report = fastprune.prune(KernelLM(), None, group_ratio=0.2, criterion="l1", layers=(0, 3),
+                                 method="llm-pruner", progress=False)
     assert [str(w.message) for w in issued] == report.settings["warnings"] == graph.warnings
 
 

@@ -25,7 +25,7 @@ def _state(model):
 @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3])
 def test_block_ratio_is_met_and_reported(ratio):
     model = _model()
-    report = fastprune.prune(model, ratio, calib=_calib(), layers=(0, 4), progress=False)
+    report = fastprune.prune(model, ratio, calib=_calib(), layers=(0, 4), method="llm-pruner", progress=False)
     actual = sum(p.numel() for p in model.parameters())
     assert report.params_after == actual
     assert abs(report.ratio_achieved - ratio) <= 0.01
@@ -38,7 +38,7 @@ def test_block_ratio_is_met_and_reported(ratio):
 def test_ratio_zero_is_the_identity():
     model = _model()
     before = _state(model)
-    report = fastprune.prune(model, 0.0, calib=_calib(), progress=False)
+    report = fastprune.prune(model, 0.0, calib=_calib(), method="llm-pruner", progress=False)
     assert report.params_after == report.params_before
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -48,19 +48,20 @@ def test_bad_ratio_is_refused_and_nothing_changes(ratio):
     model = _model()
     before = _state(model)
     with pytest.raises(FastpruneError, match="ratio must be a fraction"):
-        fastprune.prune(model, ratio, calib=_calib(), progress=False)
+        fastprune.prune(model, ratio, calib=_calib(), method="llm-pruner", progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_gradient_criteria_need_calibration_data():
     with pytest.raises(FastpruneError, match="calibration"):
-        fastprune.prune(_model(), 0.2, progress=False)
+        fastprune.prune(_model(), 0.2, method="llm-pruner", progress=False)
 
 
 def test_dry_run_predicts_without_touching_the_model():
     model = _model()
     before = _state(model)
-    report = fastprune.prune(model, 0.2, calib=_calib(), layers=(0, 4), dry_run=True, progress=False)
+    report = fastprune.prune(model, 0.2, calib=_calib(), layers=(0, 4), dry_run=True,
+                             method="llm-pruner", progress=False)
     assert report.dry_run and "compaction" not in report.stages
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     plan = Plan.from_json(report.settings["plans"][0])
@@ -70,7 +71,7 @@ def test_dry_run_predicts_without_touching_the_model():
 
 def test_iterative_pruning_reaches_the_target():
     model = _model()
-    report = fastprune.prune(model, 0.3, calib=_calib(), layers=(0, 4), steps=3, progress=False)
+    report = fastprune.prune(model, 0.3, calib=_calib(), layers=(0, 4), steps=3, method="llm-pruner", progress=False)
     assert len(report.settings["plans"]) == 3
     assert abs(report.ratio_achieved - 0.3) <= 0.01
 
@@ -83,7 +84,7 @@ def test_saved_scores_make_plans_at_several_ratios(tmp_path):
     loaded = type(scores).load(tmp_path / "scores.safetensors")
     plans = [select(graph, loaded, r, layers=(0, 4)) for r in (0.1, 0.2)]
     assert plans[0].keep != plans[1].keep
-    report = fastprune.prune(model, 0.2, scores=loaded, layers=(0, 4), progress=False)
+    report = fastprune.prune(model, 0.2, scores=loaded, layers=(0, 4), method="llm-pruner", progress=False)
     assert abs(report.ratio_achieved - 0.2) <= 0.01
     assert Plan.from_json(report.settings["plans"][0]) == plans[1]
 
@@ -99,7 +100,8 @@ def test_compiled_kernels_give_the_reference_plans(scope, criterion):
         try:
             model = _model()
             report = fastprune.prune(model, 0.25, criterion=criterion, scope=scope, calib=_calib(),
-                                     layers=(0, 4) if scope == "block" else None, dry_run=True, progress=False)
+                                     layers=(0, 4) if scope == "block" else None, dry_run=True,
+                                     method="llm-pruner", progress=False)
             plans[backend] = report.settings["plans"][0]
         finally:
             ops.set_backend(None)
@@ -109,7 +111,7 @@ def test_compiled_kernels_give_the_reference_plans(scope, criterion):
 def test_unseen_model_prunes_end_to_end():
     model = UnseenLM(vocab=50, dim=40, n_heads=5, inner=36, depth=4)
     calib = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(0))
-    report = fastprune.prune(model, 0.15, calib=calib, layers=(0, 4), progress=False)
+    report = fastprune.prune(model, 0.15, calib=calib, layers=(0, 4), method="llm-pruner", progress=False)
     assert abs(report.ratio_achieved - 0.15) <= 0.01
     assert report.widths_after[0]["intermediate"] < 36
     with torch.no_grad():
@@ -122,7 +124,7 @@ def test_uniform_pruning_saves_a_vanilla_checkpoint(tmp_path):
     from fastprune.io import save_pruned
 
     model = _model()
-    report = fastprune.prune(model, 0.2, calib=_calib(), uniform=True, progress=False)
+    report = fastprune.prune(model, 0.2, calib=_calib(), uniform=True, method="llm-pruner", progress=False)
     assert abs(report.ratio_achieved - 0.2) <= 0.01
     widths = list(report.widths_after.values())
     assert len(widths) == 4 and all(w == widths[0] for w in widths)
@@ -138,4 +140,5 @@ def test_uniform_pruning_saves_a_vanilla_checkpoint(tmp_path):
 
 def test_uniform_needs_block_scope():
     with pytest.raises(FastpruneError, match="uniform"):
-        fastprune.prune(_model(), 0.2, calib=_calib(), scope="channel", uniform=True, progress=False)
+        fastprune.prune(_model(), 0.2, calib=_calib(), scope="channel", uniform=True, method="llm-pruner",
+                        progress=False)

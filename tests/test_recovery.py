@@ -124,7 +124,7 @@ def test_tune_on_pruned_checkpoint(tmp_path):
     """Heterogeneous widths, loaded with load_pruned, tuned through the CLI entry point, saved and reloaded."""
     model = tiny_llama(layers=3)
     calib = torch.randint(3, 90, (4, 16), generator=torch.Generator().manual_seed(0))
-    report = fastprune.prune(model, 0.3, calib=calib, ranking="global", progress=False)
+    report = fastprune.prune(model, 0.3, calib=calib, ranking="global", method="llm-pruner", progress=False)
     widths = {n: tuple(p.shape) for n, p in model.named_parameters()}
     assert len({widths[f"model.layers.{i}.mlp.up_proj.weight"] for i in range(3)}) > 1  # heterogeneous
     save_pruned(model, tmp_path / "pruned", tokenizer=char_tokenizer(), report=report)
@@ -239,7 +239,7 @@ def test_no_merge_then_merge_adapter_matches_in_process_merge(tmp_path):
 
     model = tiny_llama(layers=2)
     calib = torch.randint(3, 90, (4, 16), generator=torch.Generator().manual_seed(0))
-    report = fastprune.prune(model, 0.3, calib=calib, ranking="global", progress=False)
+    report = fastprune.prune(model, 0.3, calib=calib, ranking="global", method="llm-pruner", progress=False)
     save_pruned(model, tmp_path / "pruned", tokenizer=char_tokenizer(), report=report)
     data = _write_jsonl(tmp_path / "d.jsonl", RECORDS * 2)
     parser = argparse.ArgumentParser()

@@ -54,7 +54,7 @@ def test_one_head_config_offers_no_head_dim_channels(attn):
         assert channels[0].size == 40
     assert layer_widths(model, graph) == {i: {"heads": 1, "kv_heads": 1, "intermediate": 40} for i in range(2)}
 
-    report = fastprune.prune(model, 0.2, calib=_calib(), layers=(0, 2), progress=False)
+    report = fastprune.prune(model, 0.2, calib=_calib(), layers=(0, 2), method="llm-pruner", progress=False)
     assert report.params_after < report.params_before
     for i, layer in enumerate(model.model.layers):
         attn_mod = layer.self_attn
@@ -99,7 +99,7 @@ def test_layer_pruned_down_to_one_head_keeps_its_head_dim(attn):
     assert layer_widths(model, graph) == {0: {"heads": 1, "kv_heads": 1, "intermediate": 80},
                                           1: {"heads": 4, "kv_heads": 2, "intermediate": 80}}
 
-    report = fastprune.prune(model, 0.2, calib=_calib(vocab=96), layers=(0, 2), progress=False)
+    report = fastprune.prune(model, 0.2, calib=_calib(vocab=96), layers=(0, 2), method="llm-pruner", progress=False)
     attn0 = model.model.layers[0].self_attn
     assert attn0.v_proj.weight.shape[0] == attn0.k_proj.weight.shape[0] == attn0.q_proj.weight.shape[0] == 8
     assert attn0.o_proj.weight.shape[1] == 8

@@ -48,7 +48,8 @@ def test_prune_smollm2_20_percent_element1(smollm2):
     held_out = eval_tokens(tokenizer, "wiki", max_tokens=EVAL_TOKENS)
     assert not any(torch.equal(row, held_out[0, i:i + 64]) for row in calib
                    for i in range(0, held_out.shape[1] - 64, 64))
-    report = fastprune.prune(model, 0.2, calib=calib, criterion="element1", scope="block", progress=False)
+    report = fastprune.prune(model, 0.2, calib=calib, criterion="element1", scope="block",
+                             method="llm-pruner", progress=False)
     after = _ppl(model, tokenizer)
     print("\nSmolLM2-135M element1 20%:", report.summary(), "\nbefore", before, "\nafter", after)
     assert abs(report.ratio_achieved - 0.2) <= 0.01

@@ -34,7 +34,7 @@ def test_bloom_config_expresses_no_block_pruning():
     model = T.BloomForCausalLM(T.BloomConfig(vocab_size=96, hidden_size=48, n_layer=3, n_head=6)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(FastpruneError) as info:
-        fastprune.prune(model, 0.1, criterion="l1", uniform=True, progress=False)
+        fastprune.prune(model, 0.1, criterion="l1", uniform=True, method="llm-pruner", progress=False)
     message = str(info.value)
     assert "BloomConfig cannot express any block-scope pruning" in message
     assert "attention heads: transformer.h.0.self_attention" in message
@@ -48,7 +48,7 @@ def test_gpt_neox_prunes_mlp_channels_only_and_says_so(tmp_path):
     model = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=96, hidden_size=48, intermediate_size=80,
                                                  num_hidden_layers=3, num_attention_heads=6)).eval()
     with pytest.warns(UserWarning, match=r"GPTNeoXConfig cannot express pruned attention heads \(gpt_neox\.layers"):
-        report = fastprune.prune(model, 0.1, criterion="l1", uniform=True, progress=False)
+        report = fastprune.prune(model, 0.1, criterion="l1", uniform=True, method="llm-pruner", progress=False)
     assert abs(report.ratio_achieved - 0.1) <= 0.01
     assert {(w["heads"], w["intermediate"]) for w in report.widths_after.values()} == {(6, 59)}
     assert any("left unpruned" in w for w in report.settings["warnings"])
@@ -61,7 +61,7 @@ def test_llama_uniform_prunes_heads_and_channels_without_warnings(tmp_path):
     model = tiny_llama(layers=4, hidden=72, intermediate=160, heads=6, kv_heads=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        report = fastprune.prune(model, 0.2, criterion="l1", uniform=True, progress=False)
+        report = fastprune.prune(model, 0.2, criterion="l1", uniform=True, method="llm-pruner", progress=False)
     assert report.settings["warnings"] == []
     widths = {(w["heads"], w["kv_heads"], w["intermediate"]) for w in report.widths_after.values()}
     assert len(widths) == 1

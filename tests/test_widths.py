@@ -24,7 +24,7 @@ def test_a_layer_left_with_one_kv_head_keeps_reporting_it(tmp_path):
     assert (group.size, group.kv_heads_per_element) == (3, 0)
     assert layer_widths(model, graph)[0] == {"heads": 3, "kv_heads": 1, "intermediate": 80}
     second = _plan(graph, {"model.layers.0.self_attn": [2]}, remove_layers=[1])
-    report = fastprune.prune(model, plan=second, progress=False)
+    report = fastprune.prune(model, plan=second, method="llm-pruner", progress=False)
     assert report.widths_after[0] == {"heads": 1, "kv_heads": 1, "intermediate": 80}
     assert report.widths_after[2] == {"heads": 6, "kv_heads": 2, "intermediate": 80}
     graph = discover(model)
