@@ -54,15 +54,15 @@ def _element_scores(criterion: str, weight: torch.Tensor, moments: torch.Tensor,
         return per_col[cols].sum(1)
     lam = ridge * moments.diagonal().mean().clamp_min(1e-12)
     h = moments + lam * torch.eye(moments.shape[0], dtype=moments.dtype, device=moments.device)
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky_ex(h)[0])  # definite by the ridge: no check, no sync
     if cols.shape[1] == 1:
         c = cols[:, 0]
         return w[:, c].square().sum(0) / hinv.diagonal()[c]
     out = []
     for c in cols:
         wc = w[:, c]
-        block = hinv[c][:, c]
-        out.append((torch.linalg.solve(block, wc.T) * wc.T).sum())
+        block = torch.linalg.cholesky_ex(hinv[c][:, c])[0]
+        out.append((torch.cholesky_solve(wc.T, block) * wc.T).sum())
     return torch.stack(out)
 
 
@@ -114,8 +114,10 @@ def activation_scores(model: torch.nn.Module, graph: PruningGraph, calib: torch.
     finally:
         bar.close()
         model.train(was_training)
-    for name, k, values in results:
-        groups[name][k] = values.cpu()
+    if results:  # one host transfer for every score
+        flat = torch.cat([values for _, _, values in results]).cpu()
+        for (name, k, _), part in zip(results, flat.split([len(v) for _, _, v in results])):
+            groups[name][k] = part
     layer_scores = torch.zeros(graph.num_layers, dtype=torch.float64)
     for g in graph.groups:
         if g.layer is not None and g.layer < graph.num_layers:

@@ -17,11 +17,15 @@ from fastprune.errors import FastpruneError
 
 PRESETS: dict[str, dict[str, Any]] = {
     "llm-pruner": dict(criterion="element1", scope="block", ranking="local", aggregation="sum", layers=None,
-                       n_samples=10, seq_len=64, calib="wiki", reconstruct=False, max_group_ratio=None),
+                       n_samples=10, seq_len=64, calib="wiki", reconstruct=False, max_group_ratio=None,
+                       allocation="fixed"),
     "refit": dict(criterion="element1", scope="block", ranking="local", aggregation="sum", layers=None,
-                  n_samples=10, seq_len=64, calib="wiki", reconstruct=True, max_group_ratio=None),
+                  n_samples=10, seq_len=64, calib="wiki", reconstruct=True, max_group_ratio=None,
+                  allocation="fixed"),
 }
 DEFAULT_METHOD = "refit"
+ALLOCATIONS = ("fixed", "sensitivity")
+ADAPTIVE_MAX_GROUP_RATIO = 0.6  # sensitivity allocation: no group loses more than this share (a minimum width)
 RECONSTRUCTION_DEFAULTS: dict[str, Any] = dict(recon_calib="generic", recon_samples=128, recon_seq_len=128,
                                                ridge=1e-2, recon_bias=True, sequential=False)
 

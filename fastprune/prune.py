@@ -18,7 +18,7 @@ from fastprune.discover import discover
 from fastprune.errors import FastpruneError
 from fastprune.graph import PruningGraph
 from fastprune.plan import Plan
-from fastprune.presets import DEFAULT_METHOD
+from fastprune.presets import ALLOCATIONS, DEFAULT_METHOD
 from fastprune.ratio import RATIO_OF, cut_warning, ratio_meaning
 from fastprune.reconstruct import attach_biases
 from fastprune.reconstruct import reconstruct as run_reconstruction
@@ -64,7 +64,8 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DE
           progress: bool = True, reconstruct: bool | None = _UNSET, recon_calib: Any = _UNSET,
           recon_samples: int | None = _UNSET, recon_seq_len: int | None = _UNSET, ridge: float | None = _UNSET,
           recon_bias: bool | None = _UNSET, sequential: bool | None = _UNSET,
-          max_group_ratio: float | None = _UNSET, ratio_of: str = "model") -> PruneReport:
+          max_group_ratio: float | None = _UNSET, allocation: str | None = _UNSET,
+          ratio_of: str = "model") -> PruneReport:
     """Prune ``model`` in place so that about ``ratio`` of its parameters are removed.
 
     ``method`` names a recipe (:mod:`fastprune.presets`: ``refit``, the default, or ``llm-pruner``);
@@ -73,6 +74,9 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DE
     :mod:`fastprune.activation_scores`).  ``scope``: block (attention head groups and MLP channels
     inside ``layers``), channel (hidden dimension) or layer (whole layers).  ``ranking``: local (one
     ratio per group) or global.  ``max_group_ratio`` caps the share of any group that may go.
+    ``allocation="sensitivity"`` measures each layer's attention and MLP on the calibration text and
+    ranks every element of every layer (``layers`` default: all) globally by its rescaled score
+    (:mod:`fastprune.allocate`); ``"fixed"`` is LLM-Pruner's (``ranking`` inside ``layers``).
     ``steps > 1`` prunes iteratively with fresh scores each step.  ``scores`` reuses saved scores (one
     step only); ``plan`` applies a ready plan; ``dry_run`` computes the plan and the report without
     touching the model.  ``uniform`` prunes every layer by the same amount (block scope), so the
@@ -99,7 +103,7 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DE
         criterion=criterion, scope=scope, ranking=ranking, aggregation=aggregation, layers=layers, calib=calib,
         n_samples=n_samples, seq_len=seq_len, reconstruct=reconstruct, recon_calib=recon_calib,
         recon_samples=recon_samples, recon_seq_len=recon_seq_len, ridge=ridge, recon_bias=recon_bias,
-        sequential=sequential, max_group_ratio=max_group_ratio))
+        sequential=sequential, max_group_ratio=max_group_ratio, allocation=allocation))
     if recon_calib is None and isinstance(calib, torch.Tensor):
         opts["recon_calib"] = calib  # the caller's own tokens serve reconstruction too
     criterion, scope, ranking, aggregation = opts["criterion"], opts["scope"], opts["ranking"], opts["aggregation"]
@@ -113,6 +117,14 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DE
         raise FastpruneError("saved scores or a ready plan can only be used with steps=1")
     if dry_run and steps != 1:
         raise FastpruneError("dry_run previews one step; use steps=1")
+    if opts["allocation"] not in ALLOCATIONS:
+        raise FastpruneError(f"unknown allocation {opts['allocation']!r}; choose one of {ALLOCATIONS}")
+    adaptive = opts["allocation"] == "sensitivity"
+    if adaptive and scope != "block":
+        raise FastpruneError("allocation='sensitivity' shares the budget between layers' heads and MLP channels: "
+                             "it needs scope='block'")
+    if adaptive:
+        ranking = "global"
     do_reconstruct = bool(opts["reconstruct"])
     if do_reconstruct and scope != "block":
         raise FastpruneError(f"reconstruction refits the consumers of pruned heads and MLP channels (block scope); "
@@ -129,6 +141,10 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DE
     with stage(stages, "discovery", device):
         graph = discover(model)
     original = graph
+    if adaptive and layers is None:
+        layers = (0, graph.num_layers)  # measurement, not a fixed range, protects the fragile layers
+    if adaptive and opts["max_group_ratio"] is None:
+        opts["max_group_ratio"] = presets.ADAPTIVE_MAX_GROUP_RATIO
     params_before = graph.total_params
     widths_before = layer_widths(model, graph)
     plans: list[Plan] = []
@@ -164,12 +180,21 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DE
                                                         progress=progress)
                 else:
                     tokens = None
-                    if criterion not in GRADIENT_FREE:
+                    if criterion not in GRADIENT_FREE or adaptive:
                         with stage(stages, "calibration", device):
                             tokens = _calibration(model, calib, tokenizer, n_samples, seq_len, seed + step - 1)
                     with stage(stages, "scoring", device):
                         step_scores = score(model, graph, tokens, criterion=criterion, seed=seed + step - 1,
                                             progress=progress)
+                if adaptive:
+                    from fastprune.allocate import sensitivity_scores
+                    from fastprune.select import scope_groups
+                    if tokens is None:  # activation criteria: their own tokens, the first windows
+                        tokens = recon_tokens[: max(1, n_samples)]
+                    with stage(stages, "allocation", device):
+                        step_scores = sensitivity_scores(model, graph, step_scores, tokens,
+                                                         scope_groups(graph, scope, layers)[0],
+                                                         aggregation=aggregation, progress=progress)
             target = None
             if ratio is not None and steps == 1:
                 target = ratio + reserve / params_before
@@ -230,6 +255,7 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DE
                 "aggregation": aggregation, "ratio": ratio, "ratio_of": ratio_of, "group_ratio": group_ratio,
                 "steps": steps, "n_samples": n_samples, "seq_len": seq_len, "seed": seed, "round_to": round_to,
                 "uniform": uniform, "max_group_ratio": opts["max_group_ratio"], "reconstruct": do_reconstruct,
+                "allocation": opts["allocation"],
                 "plans": [p.to_json() for p in plans], "warnings": notes, "ratio_meaning": meaning}
     if do_reconstruct:
         settings["reconstruction"] = {"calib": _source_name(opts["recon_calib"]), "n_samples": opts["recon_samples"],

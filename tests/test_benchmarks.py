@@ -87,20 +87,27 @@ def test_build_model_is_ready():
 
 
 def test_quality_table_rows(tmp_path):
-    """benchmarks/quality.py on the real SmolLM2 with tiny budgets: every row is recorded and tabled."""
+    """benchmarks/quality.py on the real SmolLM2 with tiny budgets: every job is recorded, tabled and resumable."""
     rows = ["dense", "element1 + LoRA", "Torch-Pruning 1.6.1 (Taylor)"]
-    _run([BENCH / "quality.py", "--rows", *rows, "--eval-tokens", "2048", "--zeroshot-items", "2",
-          "--lora-steps", "2", "--tp-timeout", "5", "--out", tmp_path], timeout=900)
+    args = [BENCH / "quality.py", "--rows", *rows, "--eval-tokens", "2048", "--zeroshot-items", "2",
+            "--lora-steps", "2", "--tp-timeout", "5", "--recon-sizes", "8", "--out", tmp_path]
+    _run(args, timeout=900)
     lines = [json.loads(x) for x in (tmp_path / "quality.jsonl").read_text().splitlines()]
     assert lines[0]["meta"]["zeroshot_items"] == 2
-    results = {r["row"]: r for r in lines[1:]}
+    results = {r["row"]: r for r in lines[1:] if r["part"] == "main"}
     assert list(results) == rows
     dense, pruned = results["dense"], results["element1 + LoRA"]
     assert 0.78 < pruned["params"] / dense["params"] < 0.82  # 20 % removed
     for r in (dense, pruned):
         assert all(r[f"{s}@{n}"] > 1 for s in ("wiki", "austen") for n in (128, 2048))
         assert len(r["zeroshot"]) == 4 and all(0 <= a <= 100 for a in r["zeroshot"].values())
-    assert pruned["lora"]["steps"] == 2
+    assert pruned["lora"]["steps"] == 2 and pruned["peak_bytes"] > 0 and "scoring" in pruned["stages"]
     assert "status" in results["Torch-Pruning 1.6.1 (Taylor)"] or "params" in results["Torch-Pruning 1.6.1 (Taylor)"]
-    table = (tmp_path / "quality.md").read_text().splitlines()
-    assert len(table) == 2 + len(rows) and all(row in "\n".join(table) for row in rows)
+    refit = next(r for r in lines[1:] if r["part"] == "recon_size")
+    assert refit["recon_samples"] == 8 and refit["settings"]["reconstruction"]["n_samples"] == 8
+    assert refit["forward_over_recon_tokens"]["seconds"] > 0 and "reconstruction" in refit["stages"]
+    table = (tmp_path / "quality.md").read_text()
+    assert all(row in table for row in rows) and "Reconstruction calibration size" in table
+    _run(args, timeout=300)  # resumed: nothing runs again
+    again = [json.loads(x) for x in (tmp_path / "quality.jsonl").read_text().splitlines()]
+    assert len([r for r in again if "job" in r]) == len([r for r in lines if "job" in r])
