@@ -164,9 +164,11 @@ def _declared_links(declared: dict[str, str], groups, modules: dict, key: str | 
             if not per or (count == "intermediate") != (group.kind == "channels"):
                 continue  # not this group's count (e.g. kv heads of query-head elements: one shared kv head)
             module = modules.get(group.name)
+            if module is None:  # a group not named after one module (a suffixed duplicate name)
+                continue
             owner, _, name = attr.rpartition(".")
             target = getattr(module, owner, None) if owner else module
-            if module is None or type(getattr(target, name, None)) is not int:
+            if type(getattr(target, name, None)) is not int:
                 raise FastpruneError(f"override {key!r} declares the integer attribute {attr!r} on the module of group "
                                      f"{group.name!r}, which has none")
             links.append(WidthLink(group.name, attr, group.name, per, f"override {key}"))

@@ -120,7 +120,7 @@ def set_module_attribute(model: torch.nn.Module, module: torch.nn.Module, attr: 
     """``module.attr = value``; ``config.<field>`` goes to the module's own copy of the model's config."""
     owner, _, name = attr.rpartition(".")
     if owner == "config":
-        if module.config is model.config:  # a copy of its own, not the config every layer shares
+        if module.config is getattr(model, "config", None):  # a copy of its own, not the config every layer shares
             module.config = copy.copy(module.config)
         setattr(module.config, name, value)
     else:
