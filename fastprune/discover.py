@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 
 import numpy as np
@@ -10,16 +9,10 @@ import torch
 
 from fastprune.errors import FastpruneError
 from fastprune.graph import Group, PruningGraph, Slice, layer_of
-from fastprune.overrides import override_for, unmapped_op_hint
+from fastprune.overrides import override_for, override_key, unmapped_op_hint
 from fastprune.plan import model_fingerprint
 from fastprune.trace import TraceResult, trace_model
-
-# name hints for integer module attributes that hold a group's width
-_ATTR_HINTS = {
-    "heads": re.compile(r"head(?!_dim|_size|dim)|groups|split|hidden|embed", re.I),
-    "channels": re.compile(r"intermediate|ffn|inner|mlp|hidden_dim", re.I),
-    "hidden": re.compile(r"hidden|embed|embd|d_model|model_dim", re.I),
-}
+from fastprune.widths import resolve_widths
 
 
 def find_layer_container(model: torch.nn.Module) -> tuple[str | None, int]:
@@ -67,15 +60,15 @@ def discover(model: torch.nn.Module, input_ids: torch.Tensor | None = None) -> P
     finally:
         model.train(was_training)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    groups = _build_groups(result, shapes, container)
+    groups, leaves = _build_groups(result, shapes, container)
     if not groups and num_layers == 0:
         raise FastpruneError(f"nothing prunable found in {type(model).__name__}: no channel space is "
                              "free to shrink and no repeated layers")
-    graph = PruningGraph(groups=groups, layer_container=container, num_layers=num_layers,
-                         param_shapes=shapes, fingerprint=model_fingerprint(model),
-                         warnings=[unmapped_op_hint(model, w) for w in dict.fromkeys(result.unmapped)])
-    graph.attribute_links = _attribute_links(model, result, groups, graph)
-    return graph
+    widths = resolve_widths(model, result, dict(zip(leaves, groups)), container, num_layers, override,
+                            override_key(model))
+    return PruningGraph(groups=groups, layer_container=container, num_layers=num_layers,
+                        param_shapes=shapes, fingerprint=model_fingerprint(model),
+                        warnings=[unmapped_op_hint(model, w) for w in dict.fromkeys(result.unmapped)], widths=widths)
 
 
 def _leaf_slices(result: TraceResult, shapes) -> tuple[dict[int, list[Slice]], set[int]]:
@@ -117,7 +110,8 @@ def _stacked_experts(slices: list[Slice], shapes) -> int:
     return counts.pop() if len(counts) == 1 else 0
 
 
-def _build_groups(result: TraceResult, shapes, container: str | None) -> list[Group]:
+def _build_groups(result: TraceResult, shapes, container: str | None) -> tuple[list[Group], list[int]]:
+    """The groups, and the leaf atom each one is."""
     sp = result.spaces
     attention = set()
     for a in range(len(sp.parent)):
@@ -129,7 +123,7 @@ def _build_groups(result: TraceResult, shapes, container: str | None) -> list[Gr
 
     slices, blocked = _leaf_slices(result, shapes)
     param_order = {n: i for i, n in enumerate(shapes)}
-    groups, used_names = [], set()
+    groups, leaves, used_names = [], [], set()
     for leaf in sorted(slices, key=lambda lf: min(param_order[s.param] for s in slices[lf])):
         size = sp.size[leaf]
         if leaf in blocked or size <= 1:
@@ -166,26 +160,5 @@ def _build_groups(result: TraceResult, shapes, container: str | None) -> list[Gr
                             kv_heads_per_element=int(kind == "heads" and len(root) > 1),
                             normalized=leaf in reduced,
                             experts=_stacked_experts(sls, shapes) if kind == "channels" else 0))
-        groups[-1]._leaf = leaf  # type: ignore[attr-defined]
-    return groups
-
-
-def _attribute_links(model, result: TraceResult, groups: list[Group], graph: PruningGraph):
-    sp = result.spaces
-    by_leaf = {g._leaf: g for g in groups}  # type: ignore[attr-defined]
-    modules = dict(model.named_modules())
-    links: dict[str, dict[str, tuple[str, int]]] = defaultdict(dict)
-    for module_name, atom, literal in result.view_literals:
-        found = [(by_leaf[leaf], len(base)) for leaf, base, *_ in sp.layout(atom) if leaf in by_leaf]
-        if len(found) != 1:
-            continue
-        group, per = found[0]
-        if group.size * per != literal or module_name not in modules:
-            continue
-        hint = _ATTR_HINTS[group.kind]
-        for attr, value in vars(modules[module_name]).items():
-            if type(value) is int and value == literal and hint.search(attr):
-                links[module_name][attr] = (group.name, per)
-    for g in groups:
-        del g._leaf  # type: ignore[attr-defined]
-    return dict(links)
+        leaves.append(leaf)
+    return groups, leaves

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastprune.widths import WidthMap
+
 GROUP_KINDS = ("heads", "channels", "hidden")
 
 
@@ -102,9 +104,9 @@ class PruningGraph:
     param_shapes: dict[str, tuple[int, ...]]
     fingerprint: str
     warnings: list[str] = field(default_factory=list)
-    # module path -> {attribute: (group name, multiplier)}: integer attributes that must equal
-    # (kept elements of the group) x multiplier after pruning, e.g. a module's head count
-    attribute_links: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)
+    # where each group's count lives outside the weights (module attributes, config fields), as
+    # discovery resolved it; ``apply`` executes it
+    widths: WidthMap = field(default_factory=WidthMap)
 
     def group(self, name: str) -> Group:
         for g in self.groups:

@@ -2,8 +2,11 @@
 
 A checkpoint is a Hugging Face model directory.  When every layer keeps the same widths (and no
 value the config derives changes) the config alone describes the model and vanilla
-``from_pretrained`` loads it.  Otherwise ``config.json`` lists, under ``fastprune``, every tensor
-shape and integer module attribute that differs from the architecture its config describes, every
+``from_pretrained`` loads it.  Otherwise ``config.json`` carries the one width record,
+``fastprune_layer_widths`` (per layer: heads, kv heads, MLP channels), and lists under
+``fastprune`` every tensor shape that differs from the architecture its config describes, the
+module attributes that follow a width as bindings to that record (``widths``, from the width
+resolver: :mod:`fastprune.widths`), the other integer module attributes that differ, every
 float module attribute and non-persistent float buffer whose value differs (``values``: Gemma keeps
 its embedding scale at ``sqrt`` of the original hidden size, which a smaller ``hidden_size`` would
 change), plus the state a family override attached to modules (``overrides``: BLOOM's kept ALiBi
@@ -176,12 +179,41 @@ def _write_config(model: torch.nn.Module, directory: Path) -> bool:
     # and the integer module attributes it builds are the right ones (pruning can leave unused stale ones,
     # e.g. hidden_size)
     if spec["tensors"] or spec["values"] or states:
+        _bind_widths(model, data, spec)
         data[remote.SPEC_KEY] = spec
         data["auto_map"] = AUTO_MAP
     else:
-        data.pop("fastprune_layer_widths", None)  # every layer has the widths the config states
+        data.pop(remote.RECORD_KEY, None)  # every layer has the widths the config states
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
     return remote.SPEC_KEY not in data
+
+
+def _bind_widths(model: torch.nn.Module, data: dict[str, Any], spec: dict) -> None:
+    """Store the module attributes that follow a width as bindings to the width record, not as values.
+
+    The width map comes from discovering ``model`` as it is; the record is the config's
+    ``fastprune_layer_widths`` (written here from the model's widths when the config has none).
+    Every binding is checked to give the model's value; the others stay values under ``attributes``.
+    """
+    from fastprune.discover import discover
+    from fastprune.widths import checkpoint_bindings, layer_widths
+
+    try:
+        graph = discover(model)
+    except FastpruneError:  # nothing prunable is left: nothing follows a width
+        return
+    record = data.get(remote.RECORD_KEY) or {str(i): w for i, w in layer_widths(model, graph).items()}
+    bound: dict[str, dict[str, list]] = {}
+    for path, attrs in checkpoint_bindings(model, graph, record, getattr(model.config, "hidden_size", None)).items():
+        listed = spec["attributes"].get(path, {})
+        for attr, binding in attrs.items():
+            if attr in listed:  # it differs from what the config builds: the record gives it
+                bound.setdefault(path, {})[attr] = binding
+                del listed[attr]
+    spec["attributes"] = {path: attrs for path, attrs in spec["attributes"].items() if attrs}
+    if bound:
+        spec["widths"] = bound
+        data[remote.RECORD_KEY] = record
 
 
 def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -201,7 +233,9 @@ def _pruned_spec(model: torch.nn.Module, reference: torch.nn.Module) -> dict[str
 
     ``tensors``: name -> shape of every parameter or buffer whose shape differs; ``attributes``:
     module path -> {attribute: value} of every integer (or tuple of integers) module attribute
-    that differs; ``values``: module path -> {name: value} of every float attribute and
+    that differs, except the sizes Linear, Embedding, LayerNorm and Conv1D read off their weights
+    (``config.<field>``: an integer field of a config the module holds on its own);
+    ``values``: module path -> {name: value} of every float attribute and
     non-persistent float buffer (not in the checkpoint) whose value differs.  Raises
     :class:`FastpruneError` when the module trees themselves differ.
     """
@@ -218,11 +252,19 @@ def _pruned_spec(model: torch.nn.Module, reference: torch.nn.Module) -> dict[str
         ref = ref_modules.get(path)
         if ref is None:
             raise FastpruneError(f"module {path!r} is not in the architecture the config describes")
+        follows_weights = remote.shape_attribute_names(module)
         for attr, value in vars(module).items():
+            if attr in follows_weights:  # the loader reads these off the weights
+                continue
             if _is_width(value) and getattr(ref, attr, None) != value:
                 attributes.setdefault(path, {})[attr] = list(value) if isinstance(value, tuple) else value
             elif type(value) is float and getattr(ref, attr, None) != value:
                 values.setdefault(path, {})[attr] = value
+        own = getattr(module, "config", None)
+        if own is not None and own is not getattr(model, "config", None) and hasattr(ref, "config"):
+            for name, value in vars(own).items():  # a config of the module's own (Phi-3's per-layer head counts)
+                if type(value) is int and getattr(ref.config, name, None) != value:
+                    attributes.setdefault(path, {})[f"config.{name}"] = value
         for name in sorted(module._non_persistent_buffers_set):
             mine = module._buffers.get(name)
             if mine is not None and mine.is_floating_point() and _buffer_differs(mine, ref._buffers.get(name)):
@@ -299,7 +341,7 @@ def _layer_rows(model: torch.nn.Module, report: PruneReport | None) -> list[tupl
             rows.append((str(layer), *(w.get(k, "-") for k in keys)) if w else (str(layer), "removed", "", ""))
         return rows
     config = model.config
-    per_layer = getattr(config, "fastprune_layer_widths", None)
+    per_layer = getattr(config, remote.RECORD_KEY, None)
     if per_layer:
         return [(str(i), *(per_layer[i].get(k, "-") for k in keys)) for i in sorted(per_layer, key=int)]
     uniform = (getattr(config, "num_attention_heads", "-"), getattr(config, "num_key_value_heads", "-"),

@@ -1,6 +1,6 @@
 """Declarative help for what tracing alone cannot decide, per model family.
 
-Discovery needs no model-specific code for most families.  Three things can still need help:
+Discovery needs no model-specific code for most families.  Four things can still need help:
 
 - a per-head constant built once for the whole model (BLOOM's ALiBi slopes, Baichuan-13B's ALiBi
   mask buffer): tracing blocks constants, because a fixed-size constant cannot shrink with a
@@ -10,6 +10,12 @@ Discovery needs no model-specific code for most families.  Three things can stil
 - a coupling the tracer cannot see (an op it has no rule for, e.g. a custom kernel):
   ``couplings`` declares pairs of ``(param, dim)`` that share one channel space.  A declared
   coupling is trusted: its space is pruned even where an unmapped op touched it;
+- a module attribute that holds a width where tracing cannot see it (it is read in arithmetic, not
+  passed as a size to ``view``/``expand``/``split``): ``widths`` declares ``{attribute: count}`` on
+  the module of each heads group (``count``: ``"heads"``, ``"kv_heads"``) or MLP channel group
+  (``"intermediate"``); ``"config.<field>"`` is a field of the config the module reads, which then
+  becomes the module's own copy (Phi-3 slices its fused qkv by ``self.config.num_attention_heads``).
+  The width resolver (:mod:`fastprune.widths`) keeps them in step and checkpoints carry them;
 - state that ``adapt`` attaches to modules and a saved checkpoint must carry: ``save_state(model)``
   returns it as JSON-friendly data, stored in ``config.json``; ``restore(model, state)`` re-applies
   it when the checkpoint is loaded.  ``fastprune.load_pruned`` calls the registered ``restore``;
@@ -40,6 +46,7 @@ class Override:
 
     free_constants: bool = False
     couplings: list[tuple[tuple[str, int], tuple[str, int]]] = field(default_factory=list)
+    widths: dict[str, str] = field(default_factory=dict)  # module attribute -> count it holds (see above)
     adapt: Callable[[torch.nn.Module, Plan, PruningGraph], None] | None = None
     save_state: Callable[[torch.nn.Module], dict[str, Any]] | None = None
     restore: Callable[[torch.nn.Module, dict[str, Any]], None] | None = None
@@ -133,6 +140,28 @@ def _builds_alibi_mask(model: torch.nn.Module) -> bool:
     return any(callable(getattr(m, "get_alibi_mask", None)) for m in model.modules())
 
 
+def keep_dense_layers_listed(model: torch.nn.Module, plan: Plan, graph: PruningGraph) -> None:
+    """An ``adapt`` for Qwen's MoE configs: ``mlp_only_layers`` lists the dense layers by index.
+
+    Once layers are removed, the kept dense layers are listed by their new indices, and
+    ``decoder_sparse_step`` (every step-th layer has experts) becomes 1, since the step pattern no
+    longer describes the kept layers: the list says it all.
+    """
+    config = model.config
+    if not plan.remove_layers or not isinstance(getattr(config, "mlp_only_layers", None), list):
+        return
+    layers = model.get_submodule(graph.layer_container)
+    kept = [layer for i, layer in enumerate(layers) if i not in set(plan.remove_layers)]
+    config.mlp_only_layers = [i for i, layer in enumerate(kept) if not any(p.dim() == 3 for p in layer.parameters())]
+    if getattr(config, "decoder_sparse_step", 1) != 1:
+        config.decoder_sparse_step = 1
+
+
+# Phi-3 slices its fused qkv rows by its config's head count and its own kv head count (arithmetic)
+register_override("phi3", Override(widths={"config.num_attention_heads": "heads", "num_key_value_heads": "kv_heads",
+                                            "config.num_key_value_heads": "kv_heads"}))
+for _qwen_moe in ("qwen2_moe", "qwen3_moe"):
+    register_override(_qwen_moe, Override(adapt=keep_dense_layers_listed))
 register_override("bloom", Override(free_constants=True, adapt=slice_head_rows("alibi", "batch_x_heads"),
                                     save_state=remote.head_rows_state, restore=remote.restore_head_rows))
 register_override("baichuan", Override(free_constants=True, adapt=slice_head_rows("attention_mask", "heads_q_k"),

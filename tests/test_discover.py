@@ -5,6 +5,7 @@ from torch import nn
 
 from fastprune.discover import discover
 from fastprune.errors import FastpruneError
+from fastprune.widths import WidthLink
 
 
 def _by_name(graph):
@@ -32,8 +33,8 @@ def test_llama_groups(attn, heads, kv_heads, tied):
             assert got == {("q_proj", 0, hd, hd, "out"), ("o_proj", 1, hd, hd, "in")}
             assert roots == {"q_proj"}
             if attn == "eager":  # repeat_kv's copy count follows the kept query heads
-                assert graph.attribute_links[f"model.layers.{i}.self_attn"] == {
-                    "num_key_value_groups": (attn_group.name, 1)}
+                assert graph.widths.links_of(f"model.layers.{i}.self_attn") == {
+                    "num_key_value_groups": WidthLink(attn_group.name, "num_key_value_groups", attn_group.name, 1)}
             continue
         assert attn_group.size == kv_heads and attn_group.heads_per_element == rep
         assert got == {("q_proj", 0, rep * hd, rep * hd, "out"), ("k_proj", 0, hd, hd, "out"),
@@ -67,7 +68,8 @@ def test_unseen_model_discovered_without_code():
     assert {s.width for s in heads.slices} == {8}
     mlp = groups["stack.1.ffn"]
     assert sorted(s.base[0] for s in mlp.slices if s.param == "stack.1.ffn.up.weight") == [0, 36]
-    assert graph.attribute_links["stack.1.mixer"] == {"n_heads": ("stack.1.mixer", 1)}
+    assert graph.widths.links_of("stack.1.mixer") == {
+        "n_heads": WidthLink("stack.1.mixer", "n_heads", "stack.1.mixer", 1)}
     assert groups["hidden"].size == 40
     text = str(graph)
     assert "stack.1.mixer" in text and "heads" in text and "qkv.weight" in text

@@ -10,7 +10,7 @@ from fastprune.discover import discover
 from fastprune.errors import FastpruneError
 from fastprune.importance import aggregate, score
 from fastprune.plan import Plan
-from fastprune.select import default_layers, predicted_params, select
+from fastprune.select import TOLERANCE, default_layers, predicted_params, select
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,13 @@ def test_local_ranking_uses_one_ratio_and_mlp_takes_the_head_remainder(graph, sc
     plan = select(graph, scores, 0.2)
     heads = _removed(plan, graph, "heads")
     mlp = _removed(plan, graph, "channels")
-    assert len(set(heads.values())) == 1 and len(heads) == 7  # every in-range layer loses 1 of 4 kv heads
+    assert set(heads.values()) == {1} and len(heads) == 7  # every in-range layer loses 1 of 4 kv heads
     assert max(mlp.values()) - min(mlp.values()) < len(mlp)  # evenly, up to the greedy remainder
-    assert math.isclose(sum(mlp.values()) / (7 * 688), 0.25, abs_tol=0.2)
+    head_cost = graph.groups_of("heads")[0].params_per_element(graph.param_shapes)  # 49152
+    channel_cost = graph.groups_of("channels")[0].params_per_element(graph.param_shapes)  # 768
+    # the MLP channels take the rest of the budget; the greedy fill ends less than one channel from the target
+    rest = 0.2 * graph.total_params - 7 * head_cost
+    assert abs(sum(mlp.values()) * channel_cost - rest) < channel_cost
 
 
 def test_global_ranking_follows_scores_across_layers(graph):
@@ -145,7 +149,7 @@ def test_layer_scope_removes_lowest_layers_within_one_layer(graph):
         k = len(plan.remove_layers)
         assert plan.remove_layers == sorted(order[:k])
         removed = graph.total_params - predicted_params(graph, plan)
-        assert abs(removed - ratio * graph.total_params) <= per_layer
+        assert abs(removed - ratio * graph.total_params) <= per_layer / 2  # the closest layer count
         assert k < graph.num_layers
     with pytest.raises(FastpruneError, match="layer-wise"):
         select(graph, s, 0.99, scope="layer")
@@ -223,6 +227,9 @@ def test_end_to_end_on_a_real_model(scope):
     predicted = predicted_params(graph, plan)
     apply(model, plan, graph)
     assert sum(p.numel() for p in model.parameters()) == predicted
-    assert abs(plan.settings["achieved"] - 0.25) <= (0.01 if scope != "layer" else 0.25)
+    # block and channel scopes: within select's TOLERANCE; layer scope: the closest count of equal layers
+    per_layer = sum(math.prod(s) for n, s in graph.param_shapes.items() if graph.layer_of(n) == 0)
+    tolerance = TOLERANCE if scope != "layer" else per_layer / graph.total_params / 2
+    assert abs(plan.settings["achieved"] - 0.25) <= tolerance
     with torch.no_grad():
         assert torch.isfinite(model(calib).logits).all()

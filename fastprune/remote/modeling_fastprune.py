@@ -3,24 +3,33 @@
 ``config.json`` names :class:`FastpruneForCausalLM` in ``auto_map``, so
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` comes here.  It builds the
 original architecture (``config.architectures``, else the auto mapping of the config's class) from
-the config, then gives the tensors and integer module attributes listed under ``config.fastprune``
-their pruned values, sets the float values the config would compute differently (``values``:
-Gemma's embedding scale, which stays ``sqrt`` of the original hidden size), and re-applies the
-per-layer state that family overrides saved under ``config.fastprune["overrides"]`` (BLOOM's and
-Baichuan-13B's ALiBi rows of each layer's kept heads).  Only torch and transformers are needed:
-fastprune itself does not have to be installed where the checkpoint is loaded.
+the config, then gives the tensors listed under ``config.fastprune`` their pruned shapes (and the
+modules that hold them their sizes: ``Linear.in_features``...), gives module attributes that follow
+a width the value the width record ``config.fastprune_layer_widths`` states for their layer
+(``widths``: ``{module: {attribute: [layer, count, multiplier]}}``; ``config.<field>`` is a field
+of the module's own copy of the config, as Phi-3's attention reads its head counts), sets the other
+integer attributes listed (``attributes``: values the config would derive differently, such as
+BLOOM's ``head_dim``; checkpoints written before the width record listed every attribute there),
+sets the float values the config would compute differently (``values``: Gemma's embedding scale,
+which stays ``sqrt`` of the original hidden size), and re-applies the per-layer state that family
+overrides saved under ``config.fastprune["overrides"]`` (BLOOM's and Baichuan-13B's ALiBi rows of
+each layer's kept heads).  Only torch and transformers are needed: fastprune itself does not have
+to be installed where the checkpoint is loaded.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-SPEC_KEY = "fastprune"  # config attribute: {"tensors": {name: shape}, "attributes": {module: {attr: value}},
-#                         "values": {module: {float attribute or buffer: value}}, "overrides": {key: state}}
+SPEC_KEY = "fastprune"  # config attribute: {"tensors": {name: shape}, "widths": {module: {attr: [layer, count, per]}},
+#   "attributes": {module: {attr: value}}, "values": {module: {float attribute or buffer: value}},
+#   "overrides": {key: state}}
+RECORD_KEY = "fastprune_layer_widths"  # config attribute: the width record, {layer: {count: value}}
 
 
 def base_class(config) -> type:
@@ -45,7 +54,7 @@ def _resized(old: torch.Tensor, shape: list[int]) -> torch.Tensor:
 
 
 def restore_pruned_shapes(model: torch.nn.Module, spec: dict) -> None:
-    """Resize the listed tensors and set the listed module attributes and values; tied tensors stay tied."""
+    """Resize the listed tensors (tied ones stay tied), size their modules, set the listed attributes and values."""
     modules = dict(model.named_modules())
     replaced: dict[int, torch.Tensor] = {}
     for name, shape in spec.get("tensors", {}).items():
@@ -61,11 +70,86 @@ def restore_pruned_shapes(model: torch.nn.Module, spec: dict) -> None:
             module._parameters[attr] = replaced[id(old)]
         else:
             module._buffers[attr] = replaced[id(old)]
+    follow_weight_shapes(model)
     for module_name, attrs in spec.get("attributes", {}).items():
         module = modules[module_name]
         for attr, value in attrs.items():
-            setattr(module, attr, tuple(value) if isinstance(getattr(module, attr, None), tuple) else value)
+            set_module_attribute(model, module, attr, tuple(value) if isinstance(getattr(module, attr, None), tuple)
+                                 else value)
+    restore_widths(model, spec)
     restore_values(model, spec)
+
+
+def _shape_attributes(module: torch.nn.Module) -> dict[str, Any]:
+    """The size attributes of a module that holds a weight, read off that weight (empty for other modules)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return {}
+    if isinstance(module, torch.nn.Linear):
+        return {"out_features": weight.shape[0], "in_features": weight.shape[1]}
+    if isinstance(module, torch.nn.Embedding):
+        return {"num_embeddings": weight.shape[0], "embedding_dim": weight.shape[1]}
+    if isinstance(module, torch.nn.LayerNorm):
+        return {"normalized_shape": tuple(weight.shape)}
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):  # GPT-2's projection: weight [in, out]
+        return {"nx": weight.shape[0], "nf": weight.shape[1]}
+    return {}
+
+
+def shape_attribute_names(module: torch.nn.Module) -> set[str]:
+    """Names of the attributes :func:`follow_weight_shapes` sets on ``module``."""
+    return set(_shape_attributes(module))
+
+
+def follow_weight_shapes(model: torch.nn.Module) -> None:
+    """Give Linear, Embedding, LayerNorm and Conv1D modules the sizes of their (pruned) weights."""
+    for module in model.modules():
+        for attr, value in _shape_attributes(module).items():
+            setattr(module, attr, value)
+
+
+def module_attribute(module: torch.nn.Module, attr: str) -> Any:
+    """``module.attr``, where ``config.<field>`` is a field of the module's config."""
+    owner, _, name = attr.rpartition(".")
+    return getattr(getattr(module, owner) if owner else module, name, None)
+
+
+def set_module_attribute(model: torch.nn.Module, module: torch.nn.Module, attr: str, value: Any) -> None:
+    """``module.attr = value``; ``config.<field>`` goes to the module's own copy of the model's config."""
+    owner, _, name = attr.rpartition(".")
+    if owner == "config":
+        if module.config is getattr(model, "config", None):  # a copy of its own, not the config every layer shares
+            module.config = copy.copy(module.config)
+        setattr(module.config, name, value)
+    else:
+        setattr(module, attr, value)
+
+
+def binding_value(binding: list, record: dict, hidden: Any) -> int | None:
+    """The value a ``widths`` binding ``[layer, count, per]`` gives (None where the record has no such count)."""
+    layer, count, per = binding
+    value = hidden if layer is None else (record.get(str(layer)) or {}).get(count)
+    return value * per if type(value) is int else None
+
+
+def restore_widths(model: torch.nn.Module, spec: dict) -> None:
+    """Set every module attribute bound under ``spec["widths"]`` from the width record and the hidden size."""
+    bindings = spec.get("widths") or {}
+    if not bindings:
+        return
+    config = model.config
+    record = getattr(config, RECORD_KEY, None) or {}
+    hidden = getattr(config, "hidden_size", None)
+    for module_name, attrs in bindings.items():
+        module = model.get_submodule(module_name)
+        for attr, binding in attrs.items():
+            value = binding_value(binding, record, hidden)
+            if value is None:
+                raise ValueError(f"{module_name}.{attr} follows count {binding[1]!r} of layer {binding[0]}, which the "
+                                 f"width record config.{RECORD_KEY} does not state")
+            set_module_attribute(model, module, attr, value)
 
 
 def restore_values(model: torch.nn.Module, spec: dict) -> None:
