@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast compat lint cuda-compile
+.PHONY: setup demo test test-fast compat lint cuda-compile package-check
 
 setup:
 	bash scripts/setup.sh
@@ -28,3 +28,7 @@ lint:
 
 cuda-compile:
 	bash scripts/compile_cuda.sh
+
+# sdist -> wheel -> fresh venv -> CLI end to end, and without a compiler (run by CI, about 4 minutes)
+package-check: setup
+	$(PY) scripts/package_check.py

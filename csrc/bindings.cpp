@@ -1,5 +1,6 @@
 // Python module fastprune._native._C: plain functions; fastprune/_native registers them as backends.
 #include <torch/extension.h>
+#include <torch/version.h>
 
 #include "ops.h"
 
@@ -7,6 +8,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using release_gil = py::call_guard<py::gil_scoped_release>;
   m.doc() = "fastprune's compiled kernels (C++ for the CPU, CUDA when built with it)";
+  // the torch this module was compiled against: the loader refuses it under any other torch
+  m.attr("torch_version") = TORCH_VERSION;
   m.def("taylor_accumulate_cpu", &fastprune::taylor_accumulate_cpu, release_gil(),
         "Fused Taylor partial sums of w*g into rows/cols (CPU)", py::arg("weight"), py::arg("grad"),
         py::arg("rows"), py::arg("cols"), py::arg("row_block") = 1, py::arg("col_block") = 1);

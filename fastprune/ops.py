@@ -30,6 +30,8 @@ from collections.abc import Callable
 
 import torch
 
+from fastprune.native_build import unavailable_message
+
 BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
 _backend_override: str | None = None
 _impls: dict[str, dict[tuple[str, str], Callable]] = {"taylor_accumulate_": {}, "gather": {}}
@@ -81,8 +83,7 @@ def _load_extensions() -> None:
     try:
         from fastprune import _native  # noqa: F401  (registers its backends on import)
     except ImportError as exc:
-        warnings.warn(f"fastprune's compiled extension is not available ({exc}); "
-                      "using the PyTorch reference kernels", RuntimeWarning, stacklevel=3)
+        warnings.warn(unavailable_message(exc), RuntimeWarning, stacklevel=3)
     try:
         import fastprune.kernels.registry  # noqa: F401  (Triton kernels; registers on import)
     except ImportError:

@@ -19,7 +19,6 @@ and ``native`` (the same scoring in plain PyTorch, used when lm-eval is not inst
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastprune.errors import FastpruneError
+from fastprune.optional import available, install_hint
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 OFFLINE_TASKS: dict[str, tuple[str, str]] = {  # name -> (text source, kind)
@@ -248,7 +248,7 @@ def score_items(model: torch.nn.Module, tokenizer: Any, items: Sequence[dict[str
 # ------------------------------------------------------------------------------------ suites
 
 def lm_eval_available() -> bool:
-    return importlib.util.find_spec("lm_eval") is not None
+    return available("lm_eval")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -277,6 +277,27 @@ def resolve_tasks(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def check_zeroshot(tasks: Sequence[str], engine: str = "auto", limit: int | None = None) -> str:
+    """The engine that will run ``tasks`` (``auto`` resolved), or :class:`FastpruneError` when they cannot
+    run here (lm-eval missing for the engine or hub tasks, the hub unreachable): checked before any model
+    is loaded."""
+    if limit is not None and limit < 1:
+        raise FastpruneError(f"limit must be at least 1, got {limit}")
+    if engine not in ("auto", "lm-eval", "native"):
+        raise FastpruneError(f"engine must be auto, lm-eval or native, got {engine!r}")
+    hub_tasks = [t for t in tasks if t not in OFFLINE_TASKS]
+    if engine == "auto":
+        engine = "lm-eval" if lm_eval_available() else "native"
+    if engine == "lm-eval" and not lm_eval_available():
+        raise FastpruneError(f"the lm-eval engine: {install_hint('lm_eval')}; or use --engine native")
+    if hub_tasks and engine == "native":
+        raise FastpruneError(f"{', '.join(hub_tasks)} run through lm-eval only: {install_hint('lm_eval')}")
+    if hub_tasks and not hub_reachable():
+        raise FastpruneError(f"{', '.join(hub_tasks)} need the Hugging Face hub, which is not reachable from "
+                             "here; the offline suite (--zeroshot offline) runs without it")
+    return engine
+
+
 def evaluate_zeroshot(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] = tuple(OFFLINE_TASKS), *,
                       limit: int | None = None, engine: str = "auto", tasks_dir: str | os.PathLike | None = None,
                       n_items: int = 500, seed: int = 0, batch_size: int = 8,
@@ -289,20 +310,8 @@ def evaluate_zeroshot(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[st
     """
     if tokenizer is None:
         raise FastpruneError("zero-shot evaluation needs the model's tokenizer")
-    if limit is not None and limit < 1:
-        raise FastpruneError(f"limit must be at least 1, got {limit}")
-    if engine not in ("auto", "lm-eval", "native"):
-        raise FastpruneError(f"engine must be auto, lm-eval or native, got {engine!r}")
+    engine = check_zeroshot(tasks, engine, limit)
     hub_tasks = [t for t in tasks if t not in OFFLINE_TASKS]
-    if engine == "auto":
-        engine = "lm-eval" if lm_eval_available() else "native"
-    if engine == "lm-eval" and not lm_eval_available():
-        raise FastpruneError("lm-eval is not installed: pip install lm-eval (or use --engine native)")
-    if hub_tasks and engine == "native":
-        raise FastpruneError(f"{', '.join(hub_tasks)} run through lm-eval only: pip install lm-eval")
-    if hub_tasks and not hub_reachable():
-        raise FastpruneError(f"{', '.join(hub_tasks)} need the Hugging Face hub, which is not reachable from "
-                             "here; the offline suite (--zeroshot offline) runs without it")
     offline = [t for t in tasks if t in OFFLINE_TASKS]
     if tasks_dir is None:
         from fastprune.models import cache_dir

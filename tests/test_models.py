@@ -124,7 +124,7 @@ def test_gguf_is_dequantised_once_then_cached(cache, fake_gguf):
     entry = models.gguf_cache_path(gguf)
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in entry.iterdir()}
     assert "quantization_config" not in json.loads((entry / "config.json").read_text())
-    assert [p for p in cache.iterdir() if p.name.startswith(".tmp-")] == []
+    assert [p for p in cache.iterdir() if p.name.startswith(".")] == []  # no staging folder or marker left
     for name, p in first.state_dict().items():
         assert torch.equal(p, second.state_dict()[name]), name
     assert second.lm_head.weight.data_ptr() == second.model.embed_tokens.weight.data_ptr()  # still tied
@@ -141,6 +141,18 @@ def test_failed_cache_write_leaves_nothing_behind(cache, fake_gguf, monkeypatch)
         models.load_model(gguf)
     assert not models.gguf_cache_path(gguf).exists()
     assert list(cache.iterdir()) == []
+
+
+def test_base_model_id(tmp_path):
+    """The hub id a model card's ``base_model`` gets (tests/test_cli.py: a cache snapshot and a re-prune)."""
+    assert models.base_model_id("smollm2") == models.SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert models.base_model_id("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+    assert models.base_model_id("gpt2") == "gpt2"
+    plain = tmp_path / "my-model"
+    plain.mkdir()
+    (plain / "README.md").write_text("---\nbase_model: someone/else\n---\n")  # not fastprune's card
+    for name in (str(plain), str(tmp_path / "model.gguf"), "./relative/missing", "a/b/c"):
+        assert models.base_model_id(name) is None, name
 
 
 @pytest.mark.slow
