@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from fastprune import ops
+from fastprune import backends, ops
 
 LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (14336, 4096), (128256, 4096)]
 SMOLLM2_SHAPES = [(576, 1536), (1536, 576), (49152, 576)]
@@ -81,21 +81,20 @@ def main() -> None:
     shapes = LLAMA_SHAPES[:1] if args.small else LLAMA_SHAPES
     if not on_gpu:
         shapes = SMOLLM2_SHAPES + shapes
-    backends = [b for b in ops.available_backends(device) if b != "reference" and (b != "triton" or on_gpu)]
+    compiled = [b for b in backends.available(device) if b != "reference" and (b != "triton" or on_gpu)]
     copy_bw = copy_bandwidth(device, (1 << 30) if on_gpu and not args.small else (256 << 20), repeat)
 
     results = []
     for shape in shapes:
         for name, nbytes, fn in cases(shape, dtype, device):
             ref_s = None
-            for backend in ["reference"] + backends:
-                ops.set_backend(backend)
-                seconds = time_call(fn, device, repeat)
+            for backend in ["reference"] + compiled:
+                with backends.use(backend):
+                    seconds = time_call(fn, device, repeat)
                 ref_s = ref_s or seconds
                 results.append({"op": name, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
                                 "backend": backend, "ms": seconds * 1e3, "gb_s": nbytes / seconds / 1e9,
                                 "copy_fraction": nbytes / seconds / copy_bw, "speedup": ref_s / seconds})
-            ops.set_backend(None)
 
     where = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; copy bandwidth {copy_bw / 1e9:.1f} GB/s (clone)\n")

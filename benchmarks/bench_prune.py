@@ -158,10 +158,14 @@ def _model_and_calib(spec: dict):
 def run_fastprune(spec: dict) -> dict:
     import fastprune
     import fastprune.importance as importance
-    from fastprune import ops
+    from fastprune import backends
 
     device = spec["device"]
-    ops.set_backend(spec["backend"])
+    with backends.use(spec["backend"]):
+        return _timed_prune(spec, fastprune, importance, backends, device)
+
+
+def _timed_prune(spec, fastprune, importance, backends, device) -> dict:
     options = dict(criterion=spec["criterion"], progress=False)
     warm_shape = spec["shape"] if device == "cuda" else "tiny"
     warm = build_model(warm_shape, device, DTYPES[spec["dtype"]], spec["seed"])
@@ -181,7 +185,9 @@ def run_fastprune(spec: dict) -> dict:
         _sync(device)
         wall = time.perf_counter() - t0
     stages = _stages_dict(report.stages)
-    ran = {"taylor": ops.last_backend("taylor_accumulate_"), "gather": ops.last_backend("gather")}
+    dtype = DTYPES[spec["dtype"]]
+    ran = {"taylor": backends.active("taylor_accumulate_", device, dtype),
+           "gather": backends.active("gather", device, dtype)}
     return dict(stages=stages, taylor_op_s=timer.seconds, taylor_op_calls=timer.calls, wall_s=wall,
                 weight_bytes=weights, start_bytes=start_bytes,
                 params_before=report.params_before, params_after=report.params_after,
@@ -371,9 +377,9 @@ def markdown(records: list[dict]) -> str:
 
 
 def plan_runs(args, device: str) -> list[dict]:
-    from fastprune import ops
+    from fastprune import backends as kernel_backends
 
-    backends = [b for b in ops.available_backends(device) if device == "cuda" or b != "triton"]
+    backends = [b for b in kernel_backends.available(device) if device == "cuda" or b != "triton"]
     base = dict(device=device, dtype=args.dtype, ratio=args.ratio, criterion=args.criterion,
                 n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed)
     shapes = args.shapes + ([REAL] if args.real and REAL not in args.shapes else [])
