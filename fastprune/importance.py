@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from fastprune.errors import FastpruneError
-from fastprune.graph import Group, PruningGraph
+from fastprune.graph import PruningGraph
 from fastprune.ops import taylor_accumulate_
+from fastprune.transfers import download, upload
 
 CRITERIA = ("random", "l1", "l2", "element1", "element2", "mix", "vectorwise")
 AGGREGATIONS = ("sum", "mean", "max", "prod", "first")
@@ -266,28 +267,44 @@ def _combine(criterion: str, first: _Partials | None, second: _Partials | None, 
 
 
 def _slice_index(sl, size: int, block: int) -> torch.Tensor:
-    """(size, width // block) indices into the block partials of ``sl``'s dimension."""
-    idx = sl.indices(range(size)).view(size, sl.width)
+    """(size, width // block) indices into the block partials of ``sl``'s dimension (on the host)."""
+    idx = sl.indices(torch.arange(size)).view(size, sl.width)
     return idx[:, ::block] // block if block > 1 else idx
 
 
-def _group_scores(group: Group, criterion, first, second, blocks) -> torch.Tensor:
-    rows = []
-    for sl in group.slices:
-        acc = first if first is not None else second
-        block = blocks[sl.param][_axis(acc.shapes[sl.param], sl.dim)]
-        idx = _slice_index(sl, group.size, block).to(acc.rows[sl.param].device)
-        rows.append(_combine(criterion, first, second, sl.param, sl.dim, idx))
-    return torch.stack(rows).float().cpu()
+def _reduced_scores(graph: PruningGraph, params, criterion, first, second, blocks):
+    """Group and layer scores, reduced where the partials live and brought to the host in one copy per device.
 
-
-def _layer_scores(graph, params, criterion, first, second) -> torch.Tensor:
-    out = torch.zeros(graph.num_layers, dtype=torch.float64)
-    for name in params:
-        layer = graph.layer_of(name)
-        if layer is not None and layer < graph.num_layers:
-            out[layer] += float(_combine(criterion, first, second, name, 0, slice(None)))
-    return out.float()
+    Returns ``{group: (n_slices, size) fp32}`` and the fp32 layer scores (per layer, the float64 sum in
+    parameter order of each parameter's total).  The slices' index tensors are built on the host and
+    uploaded once per device.
+    """
+    acc = first if first is not None else second
+    slices = [(g, sl) for g in graph.groups for sl in g.slices]
+    host_index = [_slice_index(sl, g.size, blocks[sl.param][_axis(acc.shapes[sl.param], sl.dim)]) for g, sl in slices]
+    index: list[torch.Tensor | None] = [None] * len(slices)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, sl) in enumerate(slices):
+        by_device.setdefault(acc.rows[sl.param].device, []).append(i)
+    for device, positions in by_device.items():
+        for i, t in zip(positions, upload([host_index[i] for i in positions], device)):
+            index[i] = t
+    values, k = [], 0
+    for g in graph.groups:
+        rows = []
+        for sl in g.slices:
+            rows.append(_combine(criterion, first, second, sl.param, sl.dim, index[k]))
+            k += 1
+        values.append(torch.stack(rows).float())
+    in_layers = [n for n in params if graph.layer_of(n) is not None and graph.layer_of(n) < graph.num_layers]
+    totals = [_combine(criterion, first, second, n, 0, slice(None)).float().reshape(1) for n in in_layers]
+    host = download(values + totals)
+    groups = {g.name: t for g, t in zip(graph.groups, host)}
+    layer_sums = [0.0] * graph.num_layers
+    if totals:
+        for name, total in zip(in_layers, torch.cat(host[len(values):]).tolist()):
+            layer_sums[graph.layer_of(name)] += total
+    return groups, torch.tensor(layer_sums, dtype=torch.float64).float()
 
 
 def _checked_params(model: torch.nn.Module, graph: PruningGraph, criterion: str,
@@ -336,8 +353,7 @@ def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | Non
                         gradient_checkpointing=gradient_checkpointing)
         with _scoring_state(model, params, gradient_checkpointing), torch.enable_grad():
             first, second = _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress)
-    groups = {g.name: _group_scores(g, criterion, first, second, blocks) for g in graph.groups}
-    layer_scores = _layer_scores(graph, params, criterion, first, second)
+    groups, layer_scores = _reduced_scores(graph, params, criterion, first, second, blocks)
     return Scores(groups, layer_scores, criterion, graph.fingerprint, settings)
 
 
