@@ -206,9 +206,17 @@ def _scored_params(model: torch.nn.Module, graph: PruningGraph) -> dict[str, tor
     return {n: p for n, p in model.named_parameters() if n in wanted}
 
 
-def _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress):
+def _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress, loss_chunk=None):
     """Run the backward passes ``criterion`` needs; return (first-order, second-order) partials."""
     from tqdm.auto import tqdm
+
+    if loss_chunk is None:
+        loss = lambda ids: _lm_loss(model, ids)  # noqa: E731
+    else:
+        from fastprune.chunked_loss import chunked_lm_loss
+
+        checked: set[int] = set()
+        loss = lambda ids: chunked_lm_loss(model, ids, loss_chunk, checked)  # noqa: E731
 
     n = calib.shape[0]
     first = _Partials(params, blocks) if criterion in ("element1", "mix", "vectorwise") else None
@@ -221,13 +229,12 @@ def _taylor_partials(model, params, blocks, calib, criterion, batch_size, progre
     try:
         with tqdm(total=passes, desc=f"scoring ({criterion})", disable=not progress) as bar:
             for i, chunk in enumerate(chunks):
-                loss = _lm_loss(model, chunk) * (chunk.shape[0] / n)
                 last = i == len(chunks) - 1
-                stream.backward(loss, first if (last or linear) else None)
+                stream.backward(loss(chunk) * (chunk.shape[0] / n), first if (last or linear) else None)
                 bar.update()
             if second is not None:
                 for s in range(n):
-                    stream.backward(_lm_loss(model, calib[s:s + 1]), second)
+                    stream.backward(loss(calib[s:s + 1]), second)
                     bar.update()
         if second is not None:
             for acc in (second.rows, second.cols):
@@ -329,13 +336,15 @@ def _checked_params(model: torch.nn.Module, graph: PruningGraph, criterion: str,
 
 def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | None = None,
           criterion: str = "element1", *, batch_size: int | None = None, seed: int = 0,
-          gradient_checkpointing: bool = False, progress: bool = True) -> Scores:
+          gradient_checkpointing: bool = False, progress: bool = True, loss_chunk: int | None = None) -> Scores:
     """Score every element of every group of ``graph`` with ``criterion``.
 
     ``calib`` is an ``(n, seq_len)`` LongTensor of token ids (the loss is the causal LM loss
     with labels = inputs); gradient-free criteria need none.  ``batch_size`` splits the
-    first-order backward pass into micro-batches (see the module notes).  The model's
-    parameters, gradients, ``requires_grad`` flags and train/eval mode are left as they were.
+    first-order backward pass into micro-batches (see the module notes).  ``loss_chunk`` computes
+    the loss that many tokens of logits at a time, never all of them (:mod:`fastprune.chunked_loss`;
+    scores then differ from the default by float rounding).  The model's parameters, gradients,
+    ``requires_grad`` flags and train/eval mode are left as they were.
     """
     params = _checked_params(model, graph, criterion, batch_size)
     settings: dict[str, Any] = {"seed": seed}
@@ -350,9 +359,10 @@ def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | Non
     else:
         calib = _check_calib(calib, model)
         settings.update(n_samples=calib.shape[0], seq_len=calib.shape[1], batch_size=batch_size,
-                        gradient_checkpointing=gradient_checkpointing)
+                        gradient_checkpointing=gradient_checkpointing, loss_chunk=loss_chunk)
         with _scoring_state(model, params, gradient_checkpointing), torch.enable_grad():
-            first, second = _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress)
+            first, second = _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress,
+                                             loss_chunk)
     groups, layer_scores = _reduced_scores(graph, params, criterion, first, second, blocks)
     return Scores(groups, layer_scores, criterion, graph.fingerprint, settings)
 

@@ -51,7 +51,8 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
           layers: tuple[int, int] | None = None, round_to: int = 1, group_ratio: float | None = None,
           calib: torch.Tensor | str | None = None, tokenizer: Any = None, n_samples: int = 10,
           seq_len: int = 64, steps: int = 1, seed: int = 0, scores: Any = None, plan: Plan | None = None,
-          dry_run: bool = False, uniform: bool = False, progress: bool = True) -> PruneReport:
+          dry_run: bool = False, uniform: bool = False, progress: bool = True,
+          loss_chunk: int | None = None) -> PruneReport:
     """Prune ``model`` in place so that about ``ratio`` of its parameters are removed.
 
     ``criterion``: random, l1, l2, element1, element2, mix, vectorwise.  ``scope``: block
@@ -62,8 +63,9 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
     touching the model.  ``uniform`` prunes every layer by the same amount (block scope), so the
     result saves with a plain config that any Hugging Face loader reads; what that config cannot
     express (BLOOM derives head_dim from hidden/n_head and has no MLP width field) is left
-    unpruned, with a warning.  Warnings (also discovery's) are issued and kept in
-    ``report.settings["warnings"]``.
+    unpruned, with a warning.  ``loss_chunk`` scores with the calibration loss computed that many
+    tokens of logits at a time (see :func:`fastprune.importance.score`).  Warnings (also discovery's)
+    are issued and kept in ``report.settings["warnings"]``.
     Returns a :class:`PruneReport` (the plan is in ``report.settings``).
     """
     from fastprune.importance import score
@@ -104,7 +106,7 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
                         tokens = _calibration(model, calib, tokenizer, n_samples, seq_len, seed + step - 1)
                 with stage(stages, "scoring", device):
                     step_scores = score(model, graph, tokens, criterion=criterion, seed=seed + step - 1,
-                                        progress=progress)
+                                        progress=progress, loss_chunk=loss_chunk)
             target = None
             if ratio is not None and steps == 1:
                 target = ratio
