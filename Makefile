@@ -13,7 +13,7 @@ demo: setup
 test: setup
 	$(MAKE) lint
 	bash scripts/compile_cuda.sh
-	FASTPRUNE_REQUIRE_EXT=1 $(PY) -m pytest -q
+	FASTPRUNE_REQUIRE_EXT=1 FASTPRUNE_REQUIRE_TRITON=1 $(PY) -m pytest -q
 
 test-fast:
 	$(PY) -m pytest -q -m "not slow"

@@ -1,8 +1,8 @@
 """Packaging and the native build.
 
 CMakeLists.txt is the one build description (sources, flags, CUDA targets); this script only
-configures and builds it, then places the module at ``fastprune/_native/_C*.so``.  The top-level
-``kernels/`` folder (Triton) is packaged as ``fastprune.kernels``.
+configures and builds it, then places the module at ``fastprune/_native/_C*.so``.  The Triton
+kernels are plain modules of the package (``fastprune/kernels``).
 
 The extension is compiled against the torch installed in the environment that builds it, so
 install from source with ``pip install --no-build-isolation .`` (``-e .`` to develop): pip's
@@ -110,8 +110,7 @@ def ext_modules() -> list[Extension]:
 
 
 setup(
-    packages=find_packages(include=["fastprune", "fastprune.*"]) + ["fastprune.kernels"],
-    package_dir={"fastprune.kernels": "kernels"},
+    packages=find_packages(include=["fastprune", "fastprune.*"]),
     package_data={"fastprune": ["resources/*", "tasks/*.yaml"]},
     ext_modules=ext_modules(),
     cmdclass={"build_ext": CMakeBuild},

@@ -18,26 +18,24 @@ import time
 
 import torch
 
-from fastprune import ops
+from fastprune import backends, ops
 
 LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (14336, 4096), (128256, 4096)]
 SMOLLM2_SHAPES = [(576, 1536), (1536, 576), (49152, 576)]
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_call(fn, device: str, repeat: int) -> float:
-    """Median wall time of ``fn()`` in seconds, after one warm-up call."""
+    """Median time of ``fn()`` in seconds after one warm-up call: ``triton.testing.do_bench`` on a GPU
+    (CUDA events, L2 flushed between calls), the host clock on the CPU."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=max(25, 5 * repeat), return_mode="median") / 1e3  # ms budgets
     fn()
-    _sync(device)
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
-        _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -72,6 +70,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=None, help="timed calls per case (median)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--jsonl", metavar="PATH", help="append each result as a JSON line as soon as it is measured")
     args = parser.parse_args()
 
     device = args.device
@@ -81,21 +80,23 @@ def main() -> None:
     shapes = LLAMA_SHAPES[:1] if args.small else LLAMA_SHAPES
     if not on_gpu:
         shapes = SMOLLM2_SHAPES + shapes
-    backends = [b for b in ops.available_backends(device) if b != "reference" and (b != "triton" or on_gpu)]
+    compiled = [b for b in backends.available(device) if b != "reference" and (b != "triton" or on_gpu)]
     copy_bw = copy_bandwidth(device, (1 << 30) if on_gpu and not args.small else (256 << 20), repeat)
 
     results = []
     for shape in shapes:
         for name, nbytes, fn in cases(shape, dtype, device):
             ref_s = None
-            for backend in ["reference"] + backends:
-                ops.set_backend(backend)
-                seconds = time_call(fn, device, repeat)
+            for backend in ["reference"] + compiled:
+                with backends.use(backend):
+                    seconds = time_call(fn, device, repeat)
                 ref_s = ref_s or seconds
                 results.append({"op": name, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
                                 "backend": backend, "ms": seconds * 1e3, "gb_s": nbytes / seconds / 1e9,
                                 "copy_fraction": nbytes / seconds / copy_bw, "speedup": ref_s / seconds})
-            ops.set_backend(None)
+                if args.jsonl:
+                    with open(args.jsonl, "a") as f:
+                        f.write(json.dumps({"benchmark": "kernels", **results[-1]}) + "\n")
 
     where = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; copy bandwidth {copy_bw / 1e9:.1f} GB/s (clone)\n")

@@ -150,30 +150,71 @@ def _plan_digest(report) -> str | None:
 
 def _model_and_calib(spec: dict):
     dtype = DTYPES[spec["dtype"]]
+    if spec["shape"] == REAL and spec.get("calib") == "wiki":  # the real model on its real calibration text
+        from fastprune.data import calibration_batch
+        from fastprune.models import load_model
+
+        model, tokenizer = load_model("smollm2", dtype=dtype, device=spec["device"])
+        return model, calibration_batch(tokenizer, "wiki", spec["n_samples"], spec["seq_len"], spec["seed"])
     model = build_model(spec["shape"], spec["device"], dtype, spec["seed"])
     calib = random_calibration(model.config.vocab_size, spec["n_samples"], spec["seq_len"], spec["seed"])
     return model, calib
 
 
+def _dense_seconds(model, calib: torch.Tensor, device: str) -> float:
+    """A dense forward+backward of ``calib`` keeping every gradient, the second of two (the first warms up)."""
+    calib = calib.to(device)
+    model.requires_grad_(True)
+    seconds = []
+    for _ in range(2):
+        _sync(device)
+        t0 = time.perf_counter()
+        _lm_loss(model, calib).backward()
+        _sync(device)
+        seconds.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    return seconds[-1]
+
+
+def _discovery_seconds(fastprune, model, device: str) -> tuple[float, float]:
+    """Discovery of the pruned model by a fresh trace, and from the graph ``apply`` derived (the next step's)."""
+    times = []
+    for cache in (False, True):
+        _sync(device)
+        t0 = time.perf_counter()
+        fastprune.discover(model, cache=cache)
+        times.append(time.perf_counter() - t0)
+    return times[0], times[1]
+
+
 def run_fastprune(spec: dict) -> dict:
     import fastprune
     import fastprune.importance as importance
-    from fastprune import ops
+    from fastprune import backends, graph_cache
 
     device = spec["device"]
-    ops.set_backend(spec["backend"])
-    options = dict(criterion=spec["criterion"], progress=False)
+    with backends.use(spec["backend"]):
+        return _timed_prune(spec, fastprune, importance, backends, graph_cache, device)
+
+
+def _timed_prune(spec, fastprune, importance, backends, graph_cache, device) -> dict:
+    options = dict(criterion=spec["criterion"], progress=False, loss_chunk=spec.get("loss_chunk"))
     warm_shape = spec["shape"] if device == "cuda" else "tiny"
     warm = build_model(warm_shape, device, DTYPES[spec["dtype"]], spec["seed"])
     warm_calib = random_calibration(warm.config.vocab_size, spec["n_samples"], spec["seq_len"], spec["seed"])
     fastprune.prune(warm, spec["ratio"], calib=warm_calib, **options)
     del warm
+    graph_cache.clear()  # the timed run traces its model, as a first prune of it does
     gc.collect()  # free the warm-up model before the timed one is built
     if device == "cuda":
         torch.cuda.empty_cache()
 
+    before_model = _resident_bytes(device)
     model, calib = _model_and_calib(spec)
-    weights, start_bytes = weight_bytes(model), _resident_bytes(device)
+    weights = weight_bytes(model)
+    dense = _dense_seconds(model, calib, device) if spec.get("dense_in_process") else None
+    gc.collect()
+    start_bytes = _resident_bytes(device)
     with OpTimer(importance, "taylor_accumulate_", device) as timer:
         _sync(device)
         t0 = time.perf_counter()
@@ -181,9 +222,13 @@ def run_fastprune(spec: dict) -> dict:
         _sync(device)
         wall = time.perf_counter() - t0
     stages = _stages_dict(report.stages)
-    ran = {"taylor": ops.last_backend("taylor_accumulate_"), "gather": ops.last_backend("gather")}
+    traced, cached = _discovery_seconds(fastprune, model, device)
+    dtype = DTYPES[spec["dtype"]]
+    ran = {"taylor": backends.active("taylor_accumulate_", device, dtype),
+           "gather": backends.active("gather", device, dtype)}
     return dict(stages=stages, taylor_op_s=timer.seconds, taylor_op_calls=timer.calls, wall_s=wall,
-                weight_bytes=weights, start_bytes=start_bytes,
+                weight_bytes=weights, start_bytes=start_bytes, before_model_bytes=before_model,
+                dense_fwd_bwd_s=dense, discovery_traced_s=traced, discovery_cached_s=cached,
                 params_before=report.params_before, params_after=report.params_after,
                 ratio_achieved=report.ratio_achieved, plan=_plan_digest(report), ran=ran)
 
@@ -192,13 +237,17 @@ def run_dense(spec: dict) -> dict:
     from fastprune.report import stage
 
     device = spec["device"]
+    warm = build_model(spec["shape"] if device == "cuda" else "tiny", device, DTYPES[spec["dtype"]], spec["seed"])
+    _lm_loss(warm, random_calibration(warm.config.vocab_size, 2, 8)).backward()  # as fastprune's warm-up prune
+    del warm
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    before_model = _resident_bytes(device)
     model, calib = _model_and_calib(spec)
     calib = calib.to(device)
     weights = weight_bytes(model)
     model.requires_grad_(True)
-    if device == "cuda":  # warm-up: library handles and kernels outside the timing
-        _lm_loss(model, calib).backward()
-        model.zero_grad(set_to_none=True)
     stages: dict = {}
     start_bytes = _resident_bytes(device)
     t0 = time.perf_counter()
@@ -207,7 +256,7 @@ def run_dense(spec: dict) -> dict:
     wall = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
     return dict(stages=_stages_dict(stages), wall_s=wall, weight_bytes=weights, start_bytes=start_bytes,
-                params_before=params)
+                before_model_bytes=before_model, params_before=params)
 
 
 def run_torch_pruning(spec: dict) -> dict:
@@ -304,17 +353,35 @@ def run_child(spec: dict, timeout: float) -> dict:
 
 def _finish(record: dict) -> dict:
     stages = record.get("stages") or {}
-    record["total_s"] = sum(st["seconds"] for st in stages.values()) if stages else None
+    seconds = {name: st["seconds"] for name, st in stages.items()}
+    record["total_s"] = total = sum(seconds.values()) if stages else None
     record["peak_bytes"] = peak = max((st["peak_bytes"] for st in stages.values()), default=None)
-    start = record.get("start_bytes")
+    start, before, weights = record.get("start_bytes"), record.get("before_model_bytes"), record.get("weight_bytes")
     record["peak_over_start_bytes"] = peak - start if peak is not None and start is not None else None
+    over = peak - before if peak is not None and before is not None else None
+    record["peak_over_pre_model_bytes"] = over
+    record["peak_over_pre_model_vs_weights"] = over / weights if over is not None and weights else None
     if record.get("taylor_op_s") is not None and "scoring" in stages:
         record["fwd_bwd_in_scoring_s"] = stages["scoring"]["seconds"] - record["taylor_op_s"]
+    dense = record.get("dense_fwd_bwd_s")
+    if dense and "scoring" in seconds:
+        record["scoring_vs_dense"] = seconds["scoring"] / dense
+        record["total_vs_dense"] = total / dense
+    if total and record.get("tool") == "fastprune":
+        around = sum(seconds.get(k, 0.0) for k in ("discovery", "selection", "compaction"))
+        record["discovery_selection_compaction_share"] = around / total
     return record
 
 
 def _compare(records: list[dict]) -> None:
-    """Speedups over the reference backend of the same shape, and whether the plans agree."""
+    """Speedups over the reference backend of the same shape, whether the plans agree, and time over the
+    dense forward+backward of a separate run where the same process did not measure it."""
+    for r in records:
+        dense = next((x for x in records if x["shape"] == r["shape"] and x["tool"] == "dense"
+                      and x["status"] == "ok"), None)
+        if r["tool"] == "fastprune" and r["status"] == "ok" and r.get("total_vs_dense") is None and dense:
+            r["total_vs_dense"] = r["total_s"] / dense["total_s"]
+            r["scoring_vs_dense"] = r["stages"]["scoring"]["seconds"] / dense["total_s"]
     for r in records:
         ref = next((x for x in records if x["shape"] == r["shape"] and x["tool"] == "fastprune"
                     and x["backend"] == "reference" and x["status"] == "ok"), None)
@@ -350,7 +417,8 @@ def markdown(records: list[dict]) -> str:
     if any(r.get("taylor_op_s") is not None for r in records):
         present.add("taylor op")
     cols = [c for c in COLUMNS if c in present]
-    head = ["shape", "run", *cols, "stages total", "prune() wall", "peak mem", "peak over start", "peak/weights",
+    head = ["shape", "run", *cols, "stages total", "prune() wall", "dense f+b (same process)", "scoring / f+b",
+            "total / f+b", "disc+sel+comp share", "peak mem", "peak over start", "(peak - pre-model) / weights",
             "removed", "taylor op vs ref", "total vs ref", "plan = ref", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 3) + "---|"]
     for r in records:
@@ -358,12 +426,13 @@ def markdown(records: list[dict]) -> str:
         cells = []
         for c in cols:
             cells.append(_secs(r.get("taylor_op_s")) if c == "taylor op" else _secs(stages.get(c, {}).get("seconds")))
-        weights, peak = r.get("weight_bytes"), r.get("peak_bytes")
         same = r.get("same_plan_as_reference")
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('message', '')}"
-        per_weights = peak / weights if peak and weights and r["device"] == "cuda" else None
-        row = [r["shape"], _label(r), *cells, _secs(r.get("total_s")), _secs(r.get("wall_s")), _mem(peak),
-               _mem(r.get("peak_over_start_bytes")), _ratio(per_weights), _ratio(r.get("ratio_achieved"), "{:.1%}"),
+        row = [r["shape"], _label(r), *cells, _secs(r.get("total_s")), _secs(r.get("wall_s")),
+               _secs(r.get("dense_fwd_bwd_s")), _ratio(r.get("scoring_vs_dense")), _ratio(r.get("total_vs_dense")),
+               _ratio(r.get("discovery_selection_compaction_share"), "{:.1%}"), _mem(r.get("peak_bytes")),
+               _mem(r.get("peak_over_start_bytes")), _ratio(r.get("peak_over_pre_model_vs_weights")),
+               _ratio(r.get("ratio_achieved"), "{:.1%}"),
                _ratio(r.get("taylor_op_vs_reference")), _ratio(r.get("total_vs_reference")),
                "–" if same is None else ("yes" if same else "no"), status.replace("|", "/")]
         lines.append("| " + " | ".join(row) + " |")
@@ -371,11 +440,14 @@ def markdown(records: list[dict]) -> str:
 
 
 def plan_runs(args, device: str) -> list[dict]:
-    from fastprune import ops
+    from fastprune import backends as kernel_backends
 
-    backends = [b for b in ops.available_backends(device) if device == "cuda" or b != "triton"]
+    backends = [b for b in kernel_backends.available(device) if device == "cuda" or b != "triton"]
+    if args.backends:
+        backends = [b for b in backends if b in args.backends]
     base = dict(device=device, dtype=args.dtype, ratio=args.ratio, criterion=args.criterion,
-                n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed)
+                n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, loss_chunk=args.loss_chunk,
+                dense_in_process=args.dense_in_process, calib=args.calib)
     shapes = args.shapes + ([REAL] if args.real and REAL not in args.shapes else [])
     runs = []
     for shape in shapes:
@@ -407,7 +479,15 @@ def main() -> None:
     parser.add_argument("--tp-timeout", type=float, default=60, help="seconds before a Torch-Pruning run is killed")
     parser.add_argument("--run-timeout", type=float, default=600, help="seconds before any other run is killed")
     parser.add_argument("--budget-s", type=float, default=None, help="wall-clock cap of the whole benchmark")
+    parser.add_argument("--loss-chunk", type=int, default=None, metavar="TOKENS",
+                        help="score with the chunked loss, this many tokens of logits at a time")
+    parser.add_argument("--dense-in-process", action="store_true",
+                        help="also time a dense forward+backward in each fastprune run's own process, before it")
+    parser.add_argument("--calib", choices=["random", "wiki"], default="random",
+                        help="calibration tokens: random ids, or Wikipedia text for the real SmolLM2")
+    parser.add_argument("--backends", nargs="+", help="kernel backends to run (default: every one available)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--jsonl", metavar="PATH", help="append each result as a JSON line as soon as it is measured")
     args = parser.parse_args()
     if args.child:
         child_main(json.loads(args.child))
@@ -436,6 +516,9 @@ def main() -> None:
             record = run_child(spec, min(limit, left))
         records.append(_finish(record))
         print(f"  {label}: {record['status']} {record.get('message', '')}", file=sys.stderr, flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps({"benchmark": "prune", **record}) + "\n")
     _compare(records)
 
     import fastprune

@@ -5,7 +5,8 @@ Every shape is a Llama-architecture configuration with random weights (no downlo
 - GPU shapes (bf16): ``llama2-7b``, ``llama3-8b`` (GQA 32/8, 128k vocabulary), ``tinyllama-1.1b``
   (GQA 32/4) and ``llama2-7b-4l`` (the first four layers of the 7B shape).
 - CPU shapes (fp32): ``smollm2-135m`` (GQA 9/3, tied embeddings), ``small`` (four layers of the
-  SmolLM2 widths) and ``tiny`` (a toy model for the smoke tests).
+  SmolLM2 widths) and ``tiny`` (a toy model for the smoke tests); ``llama3.2-1b`` (GQA 32/8, 128k tied
+  vocabulary, 1.24 B parameters) runs in bf16 on a CPU with AVX-512 bf16 or on a GPU.
 
 ``build_model`` creates the module tree on the ``meta`` device (no memory, no time), allocates it
 directly on the target device with ``to_empty`` and initialises it there with the model's own
@@ -32,9 +33,12 @@ SHAPES: dict[str, dict] = {
                   head_dim=64, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=16, intermediate_size=96, vocab_size=256, tie_word_embeddings=True),
+    "llama3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                        head_dim=64, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+                        rope_theta=500000.0),
 }
 GPU_SHAPES = ("llama2-7b", "llama3-8b", "tinyllama-1.1b", "llama2-7b-4l")
-CPU_SHAPES = ("smollm2-135m", "small", "tiny")
+CPU_SHAPES = ("smollm2-135m", "small", "tiny", "llama3.2-1b")
 REAL = "smollm2-real"  # the embedded SmolLM2-135M checkpoint (fastprune.models.load_model)
 
 

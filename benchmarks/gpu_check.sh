@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# One GPU check, in under 8 minutes: build the CUDA extension, run the CUDA/Triton tests, then the
-# kernel and end-to-end pruning benchmarks.  Logs, JSON and a summary go to $OUT (7 files, no folders);
-# a compact table is printed last.  Every step has a time limit; a failed step does not stop the
-# others, and the script exits non-zero at the end if any failed.
+# One GPU check, in under 6 minutes: build the CUDA extension, run the CUDA/Triton tests, check and time the
+# compiled kernels against each other (backends.tune), then the kernel and end-to-end pruning benchmarks.
+# Every measurement is appended to $OUT/results.jsonl as one JSON line as soon as it is taken (so a run cut
+# short still leaves what it measured); logs, the benchmarks' JSON and a summary go to $OUT too (no folders).
+# Every step has a time limit under one deadline; a failed step does not stop the others, and the script
+# exits non-zero at the end if any failed.
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --cpu-dry-run   # here: the same steps on the CPU, tiny shapes,
 #                                                # Triton's interpreter, in a throwaway copy and venv
 #
 # Environment: OUT (default: a new temporary folder), PYTHON (default python3), STEPS (default
-# "build tests kernels prune"), FORCE_BUILD=1 (rebuild even when the installed extension is current),
-# DEADLINE_S (default 470).  Carried wheels in .whl/ (torch-pruning) are installed into /tmp/site first.
+# "build tests selfcheck kernels prune"; a rerun names the steps it wants), FORCE_BUILD=1 (rebuild even
+# when the installed extension is current), DEADLINE_S (default 330).  Carried wheels in .whl/
+# (torch-pruning) are installed into /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,8 +35,9 @@ fi
 PY=${PYTHON:-python3}
 CPU=${GPU_CHECK_CPU:-0}
 OUT=${OUT:-$(mktemp -d)}
-STEPS=${STEPS:-"build tests kernels prune"}
-DEADLINE=$((SECONDS + ${DEADLINE_S:-470}))
+STEPS=${STEPS:-"build tests selfcheck kernels prune"}
+DEADLINE=$((SECONDS + ${DEADLINE_S:-330}))
+RESULTS="$OUT/results.jsonl"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 mkdir -p "$OUT"
 failed=()
@@ -60,6 +64,7 @@ step() {
   fi
   echo "   $what in ${took} s"
   summary+=("| $name | $what | $took |")
+  printf '{"step": "%s", "exit": %d, "seconds": %d, "log": "%s"}\n' "$name" "$rc" "$took" "$log" >>"$RESULTS"
   return "$rc"
 }
 
@@ -82,17 +87,19 @@ fi
 
 if [ "$CPU" = 1 ]; then
   export FASTPRUNE_CUDA=OFF TRITON_INTERPRET=1
-  want="import sys; from fastprune import ops; b = ops.available_backends('cpu'); print(b); sys.exit('cpp' not in b)"
+  want="import sys; from fastprune import backends; b = backends.available('cpu'); print(b); sys.exit('cpp' not in b)"
   test_args=()
+  selfcheck_args=(cpu 64 48)
   kernels_args=(--small --device cpu --repeat 2)
-  prune_args=(--device cpu --shapes tiny --tp-shapes tiny --tp-timeout 10 --budget-s 90)
+  prune_args=(--device cpu --shapes tiny --tp-shapes tiny --tp-timeout 10 --dense-in-process --budget-s 90)
 else
   export FASTPRUNE_CUDA=ON TRITON_INTERPRET=0
-  want="import sys; from fastprune import ops; b = ops.available_backends('cuda'); print(b); sys.exit(not {'cuda', 'triton'} <= set(b))"
+  want="import sys; from fastprune import backends; b = backends.available('cuda'); print(b); sys.exit(not {'cuda', 'triton'} <= set(b))"
   test_args=(-n 4)
   "$PY" -c "import xdist" 2>/dev/null || test_args=()
+  selfcheck_args=(cuda 4096 4096)
   kernels_args=()
-  prune_args=(--shapes llama2-7b llama3-8b --tp-shapes llama2-7b --tp-timeout 30 --budget-s 210)
+  prune_args=(--shapes llama2-7b llama3-8b --no-tp --no-dense --dense-in-process --budget-s 150)
 fi
 
 # Build, unless the installed extension is this tree's and newer than every source (a warm machine).
@@ -111,14 +118,45 @@ build() {
 }
 export -f current build
 export PY want
-step build 300 build.log bash -c build
+step build 150 build.log bash -c build
 
-step tests 240 tests.log env FASTPRUNE_REQUIRE_EXT=1 \
-  "$PY" -m pytest tests/test_ops.py tests/test_triton.py -q -p no:cacheprovider "${test_args[@]}"
+step tests 90 tests.log env FASTPRUNE_REQUIRE_EXT=1 FASTPRUNE_REQUIRE_TRITON=1 \
+  "$PY" -m pytest tests/test_ops.py tests/test_triton.py tests/test_sync_free.py -q -p no:cacheprovider -rs \
+  "${test_args[@]}"
 
-step kernels 90 kernels.log "$PY" benchmarks/bench_kernels.py "${kernels_args[@]}" --json "$OUT/kernels.json"
+# The fast path's first use on this device: every op's default kernel self-checked per dtype, then the
+# compiled backends timed against each other (the faster one is what fastprune.backends.tune keeps).
+step selfcheck 60 selfcheck.log "$PY" - "$RESULTS" "${selfcheck_args[@]}" <<'PYEOF'
+import json, sys, warnings
+import torch
+from fastprune import backends
+results, device, rows, cols = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for op, info in backends.OPS.items():
+            default = backends.active(op, device)
+            args = info.samples(torch.device(device), dtype, torch.Generator(device=device).manual_seed(1))[0]
+            info.run(info.op, args)  # the first call on this device and dtype runs the self-check
+            line = {"check": "self-check", "op": op, "device": device, "dtype": str(dtype), "default": default,
+                    "serves": backends.active(op, device, dtype), "warnings": [str(w.message) for w in caught]}
+            print(json.dumps(line), flush=True)
+            with open(results, "a") as f:
+                f.write(json.dumps(line) + "\n")
+for dtype in (torch.bfloat16, torch.float32):
+    timings = backends.tune(device, dtype, shape=(rows, cols))
+    line = {"check": "tune", "device": device, "dtype": str(dtype), "shape": [rows, cols], "seconds": timings,
+            "kept": {op: backends.active(op, device) for op in backends.OPS}}
+    print(json.dumps(line), flush=True)
+    with open(results, "a") as f:
+        f.write(json.dumps(line) + "\n")
+PYEOF
 
-step prune 240 prune.log "$PY" benchmarks/bench_prune.py "${prune_args[@]}" --json "$OUT/prune.json"
+step kernels 60 kernels.log "$PY" benchmarks/bench_kernels.py "${kernels_args[@]}" --json "$OUT/kernels.json" \
+  --jsonl "$RESULTS"
+
+step prune 150 prune.log "$PY" benchmarks/bench_prune.py "${prune_args[@]}" --json "$OUT/prune.json" \
+  --jsonl "$RESULTS"
 
 {
   echo

@@ -1,4 +1,4 @@
-// Python module fastprune._native._C: plain functions; fastprune/_native registers them as backends.
+// Python module fastprune._native._C: plain functions; fastprune/backends.py registers them with the dispatcher.
 #include <torch/extension.h>
 #include <torch/version.h>
 

@@ -7,7 +7,7 @@ Quick start::
     print(report.summary())
 """
 
-from fastprune import ops
+from fastprune import backends, ops
 from fastprune.apply import apply
 from fastprune.discover import discover
 from fastprune.errors import FastpruneError
@@ -19,8 +19,8 @@ from fastprune.report import PruneReport
 
 __version__ = "0.1.0"
 
-__all__ = ["FastpruneError", "Group", "Override", "Plan", "PruneReport", "PruningGraph", "Slice", "apply", "discover",
-           "load_pruned", "ops", "prune", "recover", "register_override", "save_pruned", "score", "select"]
+__all__ = ["FastpruneError", "Group", "Override", "Plan", "PruneReport", "PruningGraph", "Slice", "apply", "backends",
+           "discover", "load_pruned", "ops", "prune", "recover", "register_override", "save_pruned", "score", "select"]
 
 
 def __getattr__(name: str):

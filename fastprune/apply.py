@@ -6,11 +6,12 @@ from collections import defaultdict
 
 import torch
 
-from fastprune import ops
+from fastprune import graph_cache, ops
 from fastprune.errors import FastpruneError
 from fastprune.graph import PruningGraph
 from fastprune.overrides import override_for
 from fastprune.plan import Plan
+from fastprune.transfers import upload
 from fastprune.widths import layer_widths, remove_layer_widths, update_config, write_widths
 
 # layer_widths and update_config belong to the width resolver (fastprune.widths); importable here as before
@@ -84,6 +85,7 @@ def apply(model: torch.nn.Module, plan: Plan, graph: PruningGraph | None = None,
         from fastprune.discover import discover
         graph = discover(model)
     validate(plan, graph)
+    key_before = graph_cache.structure_key(model)
     keep = kept_indices(plan, graph)
     removed_layers = set(plan.remove_layers)
     params = dict(model.named_parameters())
@@ -95,9 +97,10 @@ def apply(model: torch.nn.Module, plan: Plan, graph: PruningGraph | None = None,
         for name, dims in tqdm(list(by_param.items()), desc="compaction", unit="matrix", disable=not progress):
             p = params[name]
             data = p.data
-            for dim, idx in sorted(dims, key=lambda x: x[0]):
-                new = ops.gather(data, dim, idx.to(data.device))
-                data = new
+            dims = sorted(dims, key=lambda x: x[0])
+            # validated above: one upload of this matrix's indices, no check on the device
+            for (dim, _), idx in zip(dims, upload([idx for _, idx in dims], data.device)):
+                data = ops.gather(data, dim, idx)
             p.data = data  # the old storage is freed here: peak overhead is one matrix
             p.grad = None
     write_widths(model, plan, graph)
@@ -106,6 +109,7 @@ def apply(model: torch.nn.Module, plan: Plan, graph: PruningGraph | None = None,
         override.adapt(model, plan, graph)
     if removed_layers:
         _remove_layers(model, graph, sorted(removed_layers))
+    graph_cache.remember_pruned(model, graph, plan, key_before)  # the next discovery of this model needs no trace
 
 
 def _remove_layers(model: torch.nn.Module, graph: PruningGraph, removed: list[int]) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fastprune import ops
+from fastprune import backends
 from fastprune.cli_checks import check_args
 from fastprune.errors import FastpruneError
 from fastprune.optional import OPTIONAL, install_hint, optional_output
@@ -644,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command in ("prune", "sweep"):
                 resolve_method(args)  # the recipe's settings first: the checks read them
             check_args(args)  # everything that can be checked before a model is loaded
-            ops.available_backends()  # load the kernels now: a warning about them comes before any progress bar
+            backends.available()  # load the kernels now: a warning about them comes before any progress bar
             result = cmd_bench(args, extra) if args.command == "bench" else commands[args.command](args)
     except USER_ERRORS as exc:
         print(f"fastprune: error: {exc}", file=sys.stderr)

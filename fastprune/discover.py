@@ -47,8 +47,17 @@ def _trace_input(model: torch.nn.Module) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 7), generator=gen).to(device)
 
 
-def discover(model: torch.nn.Module, input_ids: torch.Tensor | None = None) -> PruningGraph:
-    """Trace one small forward pass of ``model`` and derive its coupled pruning groups."""
+def discover(model: torch.nn.Module, input_ids: torch.Tensor | None = None, *, cache: bool = True) -> PruningGraph:
+    """Trace one small forward pass of ``model`` and derive its coupled pruning groups.
+
+    A graph found (or derived by ``apply``) for a model of the same structure is reused without a
+    trace (:mod:`fastprune.graph_cache`); ``cache=False`` or explicit ``input_ids`` always trace.
+    """
+    from fastprune import graph_cache
+
+    key = graph_cache.structure_key(model) if cache and input_ids is None else None
+    if key is not None and (cached := graph_cache.lookup(key)) is not None:
+        return cached
     container, num_layers = find_layer_container(model)
     override = override_for(model)
     was_training = model.training
@@ -66,9 +75,13 @@ def discover(model: torch.nn.Module, input_ids: torch.Tensor | None = None) -> P
                              "free to shrink and no repeated layers")
     widths = resolve_widths(model, result, dict(zip(leaves, groups)), container, num_layers, override,
                             override_key(model))
-    return PruningGraph(groups=groups, layer_container=container, num_layers=num_layers,
-                        param_shapes=shapes, fingerprint=model_fingerprint(model),
-                        warnings=[unmapped_op_hint(model, w) for w in dict.fromkeys(result.unmapped)], widths=widths)
+    graph = PruningGraph(groups=groups, layer_container=container, num_layers=num_layers,
+                         param_shapes=shapes, fingerprint=model_fingerprint(model),
+                         warnings=[unmapped_op_hint(model, w) for w in dict.fromkeys(result.unmapped)],
+                         widths=widths)
+    if key is not None:
+        graph_cache.store(key, graph)
+    return graph
 
 
 def _leaf_slices(result: TraceResult, shapes) -> tuple[dict[int, list[Slice]], set[int]]:

@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from fastprune.errors import FastpruneError
-from fastprune.graph import Group, PruningGraph
+from fastprune.graph import PruningGraph
 from fastprune.ops import taylor_accumulate_
+from fastprune.transfers import download, upload
 
 CRITERIA = ("random", "l1", "l2", "element1", "element2", "mix", "vectorwise")
 AGGREGATIONS = ("sum", "mean", "max", "prod", "first")
@@ -205,9 +206,17 @@ def _scored_params(model: torch.nn.Module, graph: PruningGraph) -> dict[str, tor
     return {n: p for n, p in model.named_parameters() if n in wanted}
 
 
-def _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress):
+def _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress, loss_chunk=None):
     """Run the backward passes ``criterion`` needs; return (first-order, second-order) partials."""
     from tqdm.auto import tqdm
+
+    if loss_chunk is None:
+        loss = lambda ids: _lm_loss(model, ids)  # noqa: E731
+    else:
+        from fastprune.chunked_loss import chunked_lm_loss
+
+        checked: set[int] = set()
+        loss = lambda ids: chunked_lm_loss(model, ids, loss_chunk, checked)  # noqa: E731
 
     n = calib.shape[0]
     first = _Partials(params, blocks) if criterion in ("element1", "mix", "vectorwise") else None
@@ -220,13 +229,12 @@ def _taylor_partials(model, params, blocks, calib, criterion, batch_size, progre
     try:
         with tqdm(total=passes, desc=f"scoring ({criterion})", disable=not progress) as bar:
             for i, chunk in enumerate(chunks):
-                loss = _lm_loss(model, chunk) * (chunk.shape[0] / n)
                 last = i == len(chunks) - 1
-                stream.backward(loss, first if (last or linear) else None)
+                stream.backward(loss(chunk) * (chunk.shape[0] / n), first if (last or linear) else None)
                 bar.update()
             if second is not None:
                 for s in range(n):
-                    stream.backward(_lm_loss(model, calib[s:s + 1]), second)
+                    stream.backward(loss(calib[s:s + 1]), second)
                     bar.update()
         if second is not None:
             for acc in (second.rows, second.cols):
@@ -266,28 +274,44 @@ def _combine(criterion: str, first: _Partials | None, second: _Partials | None, 
 
 
 def _slice_index(sl, size: int, block: int) -> torch.Tensor:
-    """(size, width // block) indices into the block partials of ``sl``'s dimension."""
-    idx = sl.indices(range(size)).view(size, sl.width)
+    """(size, width // block) indices into the block partials of ``sl``'s dimension (on the host)."""
+    idx = sl.indices(torch.arange(size)).view(size, sl.width)
     return idx[:, ::block] // block if block > 1 else idx
 
 
-def _group_scores(group: Group, criterion, first, second, blocks) -> torch.Tensor:
-    rows = []
-    for sl in group.slices:
-        acc = first if first is not None else second
-        block = blocks[sl.param][_axis(acc.shapes[sl.param], sl.dim)]
-        idx = _slice_index(sl, group.size, block).to(acc.rows[sl.param].device)
-        rows.append(_combine(criterion, first, second, sl.param, sl.dim, idx))
-    return torch.stack(rows).float().cpu()
+def _reduced_scores(graph: PruningGraph, params, criterion, first, second, blocks):
+    """Group and layer scores, reduced where the partials live and brought to the host in one copy per device.
 
-
-def _layer_scores(graph, params, criterion, first, second) -> torch.Tensor:
-    out = torch.zeros(graph.num_layers, dtype=torch.float64)
-    for name in params:
-        layer = graph.layer_of(name)
-        if layer is not None and layer < graph.num_layers:
-            out[layer] += float(_combine(criterion, first, second, name, 0, slice(None)))
-    return out.float()
+    Returns ``{group: (n_slices, size) fp32}`` and the fp32 layer scores (per layer, the float64 sum in
+    parameter order of each parameter's total).  The slices' index tensors are built on the host and
+    uploaded once per device.
+    """
+    acc = first if first is not None else second
+    slices = [(g, sl) for g in graph.groups for sl in g.slices]
+    host_index = [_slice_index(sl, g.size, blocks[sl.param][_axis(acc.shapes[sl.param], sl.dim)]) for g, sl in slices]
+    index: list[torch.Tensor | None] = [None] * len(slices)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, sl) in enumerate(slices):
+        by_device.setdefault(acc.rows[sl.param].device, []).append(i)
+    for device, positions in by_device.items():
+        for i, t in zip(positions, upload([host_index[i] for i in positions], device)):
+            index[i] = t
+    values, k = [], 0
+    for g in graph.groups:
+        rows = []
+        for sl in g.slices:
+            rows.append(_combine(criterion, first, second, sl.param, sl.dim, index[k]))
+            k += 1
+        values.append(torch.stack(rows).float())
+    in_layers = [n for n in params if graph.layer_of(n) is not None and graph.layer_of(n) < graph.num_layers]
+    totals = [_combine(criterion, first, second, n, 0, slice(None)).float().reshape(1) for n in in_layers]
+    host = download(values + totals)
+    groups = {g.name: t for g, t in zip(graph.groups, host)}
+    layer_sums = [0.0] * graph.num_layers
+    if totals:
+        for name, total in zip(in_layers, torch.cat(host[len(values):]).tolist()):
+            layer_sums[graph.layer_of(name)] += total
+    return groups, torch.tensor(layer_sums, dtype=torch.float64).float()
 
 
 def _checked_params(model: torch.nn.Module, graph: PruningGraph, criterion: str,
@@ -312,13 +336,15 @@ def _checked_params(model: torch.nn.Module, graph: PruningGraph, criterion: str,
 
 def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | None = None,
           criterion: str = "element1", *, batch_size: int | None = None, seed: int = 0,
-          gradient_checkpointing: bool = False, progress: bool = True) -> Scores:
+          gradient_checkpointing: bool = False, progress: bool = True, loss_chunk: int | None = None) -> Scores:
     """Score every element of every group of ``graph`` with ``criterion``.
 
     ``calib`` is an ``(n, seq_len)`` LongTensor of token ids (the loss is the causal LM loss
     with labels = inputs); gradient-free criteria need none.  ``batch_size`` splits the
-    first-order backward pass into micro-batches (see the module notes).  The model's
-    parameters, gradients, ``requires_grad`` flags and train/eval mode are left as they were.
+    first-order backward pass into micro-batches (see the module notes).  ``loss_chunk`` computes
+    the loss that many tokens of logits at a time, never all of them (:mod:`fastprune.chunked_loss`;
+    scores then differ from the default by float rounding).  The model's parameters, gradients,
+    ``requires_grad`` flags and train/eval mode are left as they were.
     """
     params = _checked_params(model, graph, criterion, batch_size)
     settings: dict[str, Any] = {"seed": seed}
@@ -333,11 +359,11 @@ def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | Non
     else:
         calib = _check_calib(calib, model)
         settings.update(n_samples=calib.shape[0], seq_len=calib.shape[1], batch_size=batch_size,
-                        gradient_checkpointing=gradient_checkpointing)
+                        gradient_checkpointing=gradient_checkpointing, loss_chunk=loss_chunk)
         with _scoring_state(model, params, gradient_checkpointing), torch.enable_grad():
-            first, second = _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress)
-    groups = {g.name: _group_scores(g, criterion, first, second, blocks) for g in graph.groups}
-    layer_scores = _layer_scores(graph, params, criterion, first, second)
+            first, second = _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress,
+                                             loss_chunk)
+    groups, layer_scores = _reduced_scores(graph, params, criterion, first, second, blocks)
     return Scores(groups, layer_scores, criterion, graph.fingerprint, settings)
 
 

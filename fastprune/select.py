@@ -134,7 +134,7 @@ def select(graph: PruningGraph, scores: Scores, ratio: float | None = None, *,
                 counts = [c.nearest(group_ratio * c.group.size) for c in cands]
             else:
                 counts = _solve(cands, ratio * total, ranking, uniform)
-            plan.keep = {c.group.name: c.kept(n) for c, n in zip(cands, counts) if n}
+            plan.keep = _kept_indices(cands, counts)
     achieved = 1 - predicted_params(graph, plan) / total
     settings["achieved"] = achieved
     if ratio is not None and ratio > 0 and scope != "layer" and abs(achieved - ratio) > TOLERANCE:
@@ -207,17 +207,20 @@ def _layer_range(graph: PruningGraph, layers, default: tuple[int, int]) -> tuple
 
 
 class _Candidate:
-    """One group's scores, allowed removal counts and per-element parameter cost."""
+    """One group's scores, allowed removal counts and per-element parameter cost.
+
+    ``prefix_t`` holds the float64 prefix sums of the sorted scores per parameter (``torch.cumsum``
+    on the host adds them one after the other, as a Python loop would, so near-ties resolve the same
+    way); :func:`_fill` turns every candidate's into a Python list (``prefix``) in one conversion.
+    """
 
     def __init__(self, group: Group, agg: torch.Tensor, graph: PruningGraph, round_to: int,
                  min_keep_heads: int, max_group_ratio: float | None = None):
         self.group = group
         self.cost = group.params_per_element(graph.param_shapes)
         self.order = torch.sort(agg, stable=True).indices  # lowest score first, ties by index
-        density = (agg[self.order] / max(self.cost, 1)).tolist()
-        self.prefix = [0.0]
-        for d in density:
-            self.prefix.append(self.prefix[-1] + d)
+        self.prefix_t = torch.cat([agg.new_zeros(1), torch.cumsum(agg[self.order] / max(self.cost, 1), 0)])
+        self.prefix: list[float] = []
         size = group.size
         if group.kind == "heads":
             self.allowed = list(range(0, max(size - min_keep_heads, 0) + 1))
@@ -227,6 +230,7 @@ class _Candidate:
         if max_group_ratio is not None:
             limit = math.floor(max_group_ratio * size + 1e-9)
             self.allowed = [n for n in self.allowed if n <= limit] or [0]
+        self.allowed_t = torch.tensor(self.allowed, dtype=torch.long)
 
     def nearest(self, x: float) -> int:
         """The allowed removal count nearest ``x`` (the lower one on a tie)."""
@@ -246,8 +250,23 @@ class _Candidate:
         """Mean score per parameter of the elements a step from n to m removes."""
         return (self.prefix[m] - self.prefix[n]) / (m - n)
 
-    def kept(self, n: int) -> list[int]:
-        return sorted(self.order[n:].tolist())
+    def steps(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every later step from ``n``: its end counts m and keys, as tensors (keys as :meth:`step_key`)."""
+        a = self.allowed_t[bisect.bisect_left(self.allowed, n):]
+        start, end = a[:-1], a[1:]
+        return end, (self.prefix_t[end] - self.prefix_t[start]) / (end - start)
+
+
+def _kept_indices(cands: list[_Candidate], counts: list[int]) -> dict[str, list[int]]:
+    """Sorted kept elements of every candidate that removes some, brought to Python in one conversion."""
+    parts = [(c.group.name, c.order[n:].sort().values) for c, n in zip(cands, counts) if n]
+    if not parts:
+        return {}
+    flat = torch.cat([t for _, t in parts]).tolist()
+    out, at = {}, 0
+    for name, t in parts:
+        out[name], at = flat[at:at + t.numel()], at + t.numel()
+    return out
 
 
 def _solve(cands: list[_Candidate], target: float, ranking: str, uniform: bool = False) -> list[int]:
@@ -275,8 +294,40 @@ def _solve(cands: list[_Candidate], target: float, ranking: str, uniform: bool =
 
 
 def _fill(cands: list[_Candidate], counts: list[int], target: float) -> list[int]:
-    """Take the lowest-keyed steps that fit the budget, then one overshooting step if closer."""
+    """Take the lowest-keyed steps that fit the budget, then one overshooting step if closer.
+
+    The greedy takes, among every candidate's next step, the one of lowest (key, candidate, m), and a
+    candidate stops at its first step that does not fit.  Until that first misfit it takes the steps
+    in the order of (running maximum of the candidate's keys, candidate, m): a step whose key is below
+    an earlier one of its candidate (float rounding of the prefix sums) comes right after that one.
+    So that part is one sort and one cumulative sum of the budget over every step of every
+    candidate; from the misfit on, each candidate's next step goes one at a time (each either fits
+    what is left, less than the misfit's cost, or stops its candidate).
+    """
     counts = list(counts)
+    if not cands:
+        return counts
+    prefixes = torch.cat([c.prefix_t for c in cands]).tolist()
+    at = 0
+    for c in cands:
+        c.prefix, at = prefixes[at:at + c.prefix_t.numel()], at + c.prefix_t.numel()
+    removed = sum(n * c.cost for n, c in zip(counts, cands))
+    ends, keys, owner, costs = [], [], [], []
+    for i, c in enumerate(cands):
+        end, key = c.steps(counts[i])
+        ends.append(end)
+        keys.append(torch.cummax(key, 0).values if key.numel() else key)
+        owner.append(torch.full_like(end, i))
+        costs.append((end - torch.cat([end.new_tensor([counts[i]]), end[:-1]])) * c.cost)
+    end, owner, cost = torch.cat(ends), torch.cat(owner), torch.cat(costs)
+    order = torch.sort(torch.cat(keys), stable=True).indices  # steps are listed by (candidate, m): ties keep it
+    total = removed + torch.cumsum(cost[order], 0)
+    fits = int(torch.searchsorted(total.double(), torch.tensor([float(target)], dtype=torch.float64), right=True))
+    taken = order[:fits]
+    new = torch.tensor(counts, dtype=torch.long).scatter_reduce(0, owner[taken], end[taken], "amax")
+    counts = new.tolist()
+    if fits == len(order):
+        return counts
     removed = sum(n * c.cost for n, c in zip(counts, cands))
     heap = []
     for i, c in enumerate(cands):
@@ -303,7 +354,7 @@ def _fill(cands: list[_Candidate], counts: list[int], target: float) -> list[int
 
 
 def _max_plan(plan: Plan, cands: list[_Candidate]) -> Plan:
-    keep = {c.group.name: c.kept(c.allowed[-1]) for c in cands if c.allowed[-1]}
+    keep = _kept_indices(cands, [c.allowed[-1] for c in cands])
     return Plan(fingerprint=plan.fingerprint, keep=keep, group_sizes=plan.group_sizes)
 
 
@@ -319,8 +370,8 @@ def _select_layers(graph: PruningGraph, scores: Scores, ratio: float, span: tupl
         layer = graph.layer_of(name)
         if layer is not None and layer < graph.num_layers:
             sizes[layer] += math.prod(shape)
-    cands = [i for i in range(span[0], span[1])]
-    cands.sort(key=lambda i: (float(scores.layer_scores[i]), i))
+    values = scores.layer_scores.tolist()
+    cands = sorted(range(span[0], span[1]), key=lambda i: (values[i], i))
     cands = cands[:graph.num_layers - 1]
     target = ratio * graph.total_params
     best_k, best_gap, removed = 0, target, 0

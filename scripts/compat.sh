@@ -35,7 +35,7 @@ wrong = [f"{spec} (found {md.version(spec.split('==')[0])})" for spec in sys.arg
 if wrong:
     sys.exit("compat.sh: not the lower-end versions: " + ", ".join(wrong))
 import fastprune
-print("compat: lower ends", " ".join(sys.argv[1:]), "| backends", fastprune.ops.available_backends())
+print("compat: lower ends", " ".join(sys.argv[1:]), "| backends", fastprune.backends.available('cpu'))
 EOF
 echo "compat: venv ready in $((SECONDS - start)) s"
 if [ $# -gt 0 ]; then

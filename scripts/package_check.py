@@ -55,7 +55,7 @@ site = Path(fastprune.__file__).resolve()
 assert Path(sys.prefix).resolve() in site.parents, f"fastprune imported from {site}, not the fresh venv"
 assert not any(Path(p).resolve() == Path(sys.argv[2]) for p in sys.path if p), "the source tree is on sys.path"
 expect_ext = sys.argv[3] == "1"
-backends = fastprune.ops.available_backends()
+backends = fastprune.backends.available()
 assert ("cpp" in backends) == expect_ext, backends
 if expect_ext:
     from fastprune._native import _C

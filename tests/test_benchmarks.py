@@ -21,9 +21,9 @@ def _run(args, timeout=240):
 
 
 def test_bench_prune_tiny(tmp_path):
-    out = tmp_path / "prune.json"
+    out, lines = tmp_path / "prune.json", tmp_path / "prune.jsonl"
     stdout = _run([BENCH / "bench_prune.py", "--device", "cpu", "--shapes", "tiny", "--tp-timeout", "3",
-                   "--json", out])
+                   "--dense-in-process", "--json", out, "--jsonl", lines])
     assert "| tiny | fastprune/reference |" in stdout
     data = json.loads(out.read_text())
     assert {"device", "dtype", "torch", "fastprune", "ratio", "criterion", "calibration", "results"} <= set(data)
@@ -34,8 +34,13 @@ def test_bench_prune_tiny(tmp_path):
     for st in ref["stages"].values():
         assert st["seconds"] >= 0 and st["peak_bytes"] > 0
     for key in ("total_s", "wall_s", "peak_bytes", "weight_bytes", "taylor_op_s", "params_before", "params_after",
-                "ratio_achieved", "plan", "total_vs_reference"):
+                "ratio_achieved", "plan", "total_vs_reference", "dense_fwd_bwd_s", "scoring_vs_dense", "total_vs_dense",
+                "discovery_selection_compaction_share", "peak_over_pre_model_vs_weights", "discovery_traced_s",
+                "discovery_cached_s"):
         assert ref[key] is not None, key
+    assert ref["scoring_vs_dense"] == ref["stages"]["scoring"]["seconds"] / ref["dense_fwd_bwd_s"]
+    streamed = [json.loads(x) for x in lines.read_text().splitlines()]
+    assert [(r["tool"], r["backend"]) for r in streamed] == [(r["tool"], r["backend"]) for r in data["results"]]
     assert 0 < ref["ratio_achieved"] < 1
     assert ref["ran"] == {"taylor": "reference", "gather": "reference"}
     for (tool, backend), r in runs.items():

@@ -1,4 +1,4 @@
-"""The native extension is built, imports and registers its backends.
+"""The native extension is built, imports and serves the ops through the dispatcher.
 
 Skips with a reason where the extension was not built; ``FASTPRUNE_REQUIRE_EXT=1`` (set in CI)
 turns that skip into a failure.
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastprune import ops
+from fastprune import backends, ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,19 +31,16 @@ def _native():
 def test_extension_registers_cpp_backend():
     native = _native()
     assert callable(native._C.taylor_accumulate_cpu) and callable(native._C.gather_cpu)
-    assert "cpp" in ops.available_backends("cpu")
-    ops.set_backend("cpp")
-    try:
-        rows, _ = ops.taylor_partials(torch.ones(2, 3), torch.full((2, 3), 2.0))
-        assert ops.last_backend("taylor_accumulate_") == "cpp"
-    finally:
-        ops.set_backend(None)
+    assert "cpp" in backends.available("cpu")
+    assert backends.active("taylor_accumulate_", "cpu") == backends.active("gather", "cpu") == "cpp"
+    rows, _ = ops.taylor_partials(torch.ones(2, 3), torch.full((2, 3), 2.0))
+    assert backends.active("taylor_accumulate_", "cpu", torch.float32) == "cpp"  # passed its self-check
     assert rows.tolist() == [[6.0, 6.0], [6.0, 6.0], [12.0, 12.0]]
 
 
 def test_cuda_backend_follows_build():
     native = _native()
-    assert ("cuda" in ops.available_backends("cuda")) == bool(native._C.with_cuda)
+    assert ("cuda" in backends.available("cuda")) == bool(native._C.with_cuda)
 
 
 def test_cmake_lists_every_source():
@@ -53,9 +50,18 @@ def test_cmake_lists_every_source():
     assert listed == on_disk
 
 
-def test_kernels_package_is_fastprune_kernels():
+def test_kernels_are_modules_of_the_package():
     kernels = importlib.import_module("fastprune.kernels")
-    assert Path(kernels.__file__).resolve().parent == ROOT / "kernels"
+    assert Path(kernels.__file__).resolve().parent == ROOT / "fastprune" / "kernels"
+    assert not (ROOT / "kernels").exists()
+
+
+def test_no_import_cycles_between_ops_and_backends():
+    """ops imports nothing of fastprune; the extension loader and the Triton kernels import neither."""
+    for name in ("fastprune/ops.py", "fastprune/_native/__init__.py", *sorted(
+            str(p.relative_to(ROOT)) for p in (ROOT / "fastprune" / "kernels").glob("*.py"))):
+        imports = re.findall(r"^\s*(?:from|import) fastprune\b.*$", (ROOT / name).read_text(), re.MULTILINE)
+        assert not imports, (name, imports)
 
 
 def test_package_works_without_extension():
@@ -69,11 +75,11 @@ sys.meta_path.insert(0, Block())
 import torch
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    from fastprune import ops
+    from fastprune import backends, ops
     ops.taylor_partials(torch.randn(4, 4), torch.randn(4, 4))
     ops.gather(torch.randn(4, 4), 0, torch.tensor([1]))
-assert ops.last_backend("gather") == "reference", ops.last_backend("gather")
-assert "cpp" not in ops.available_backends("cpu")
+assert backends.active("gather", "cpu") == "reference", backends.active("gather", "cpu")
+assert "cpp" not in backends.available("cpu")
 assert sum("compiled extension" in str(w.message) for w in caught) == 1
 assert not torch.cuda.is_initialized()
 """

@@ -1,103 +1,72 @@
-"""fastprune's ops on every available backend against the PyTorch reference.
+"""fastprune's ops on every backend against oracles written in the tests (``tests/oracles.py``).
 
-Covers dtype x shape x layout (odd sizes, transposed and sliced views), accumulation into
-non-zero accumulators, fresh outputs over a poisoned allocator, ``torch.library.opcheck``,
-backend selection (``FASTPRUNE_BACKEND``, ``set_backend``, ``last_backend``) and input errors.
-CUDA cases skip with a reason where there is no GPU or no CUDA build of the extension.
+Backends: the reference, C++ (CPU), Triton (the CPU under its interpreter; CUDA) and CUDA, each forced
+with ``fastprune.backends.use``.  Cases: fp32/fp16/bf16 (and integer/bool gathers), odd and
+non-power-of-two shapes, transposed and sliced views, accumulation into non-zero accumulators,
+outputs over a poisoned allocator, ``torch.library.opcheck``, out-of-range indices, and on a GPU the
+shapes that reach the CUDA kernels' 16-byte row path and grid-stride loops.
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from kernel_backends import CASES, require
+from oracles import DTYPES, LAYOUTS, assert_taylor_close, gather_oracle, kept, matrix, poison_allocator
 
-from fastprune import ops
+from fastprune import backends, ops
 
-HAS_CPP = "cpp" in ops.available_backends("cpu")
-HAS_CUDA = torch.cuda.is_available() and "cuda" in ops.available_backends("cuda")
-
-BACKENDS = [
-    pytest.param(("reference", "cpu"), id="reference"),
-    pytest.param(("cpp", "cpu"), id="cpp",
-                 marks=pytest.mark.skipif(not HAS_CPP, reason="the C++ extension is not built")),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=[
-        pytest.mark.cuda,
-        pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and the extension built with CUDA")]),
-]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Relative to the largest |w*g| sum.  Every backend multiplies in fp32 and accumulates in fp32,
-# so only the summation order differs; fp16/bf16 products are even exact in fp32, while fp32
-# products may round differently where a compiler fuses multiply-adds.
-TAYLOR_TOL = {torch.float32: 2e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
-# (shape, row_block, col_block)
-TAYLOR_SHAPES = [((37, 53), 1, 1), ((1, 7), 1, 7), ((130, 96), 13, 32), ((300, 70), 1, 5), ((64, 48), 16, 8)]
-LAYOUTS = ["contiguous", "transposed", "sliced", "mixed"]
+REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=CASES, ids=[f"{b}-{d}" for b, d in CASES])
 def backend(request):
     name, device = request.param
-    ops.set_backend(name)
-    yield name, device
-    ops.set_backend(None)
+    require(name, device)
+    with backends.use(name):
+        yield name, device
 
 
-def _matrix(shape, layout, dtype, device):
-    r, c = shape
-    if layout == "transposed":
-        x = torch.randn(c, r, device=device).t()
-    elif layout == "sliced":
-        x = torch.randn(r + 3, 2 * c + 1, device=device)[2:r + 2, 1::2]
-    else:
-        x = torch.randn(r, c, device=device)
-    return x.to(dtype)
+# ---------------------------------------------------------------- taylor
 
-
-def _poison_allocator(nbytes, device):
-    """Fill and free a block, so that an output the op allocates next starts as NaN garbage."""
-    junk = torch.full((nbytes // 4 + 64,), float("nan"), device=device)
-    del junk
+TAYLOR_SHAPES = [((37, 53), 1, 1), ((1, 7), 1, 7), ((130, 96), 13, 32), ((300, 70), 1, 5), ((64, 48), 16, 8)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,row_block,col_block", TAYLOR_SHAPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_taylor_matches_reference(backend, dtype, shape, row_block, col_block, layout):
-    name, device = backend
-    weight = _matrix(shape, "transposed" if layout == "mixed" else layout, dtype, device)
-    grad = _matrix(shape, "sliced" if layout == "mixed" else layout, dtype, device)
-    r, c = shape
-    rows = torch.rand(3, r // row_block, device=device) + 0.5  # non-zero: the op must add, not overwrite
-    cols = torch.rand(3, c // col_block, device=device) + 0.5
-    want_rows, want_cols = rows.clone(), cols.clone()
-    ops.taylor_accumulate_reference(weight, grad, want_rows, want_cols, row_block, col_block)
-
-    ops.taylor_accumulate_(weight, grad, rows, cols, row_block, col_block)
-    assert ops.last_backend("taylor_accumulate_") == name
-    scale = max(want_rows[0].abs().max().item(), want_cols[0].abs().max().item(), 1.0)
-    tol = TAYLOR_TOL[dtype]
-    torch.testing.assert_close(rows, want_rows, rtol=tol, atol=tol * scale)
-    torch.testing.assert_close(cols, want_cols, rtol=tol, atol=tol * scale)
+@pytest.mark.parametrize("shape,row_block,col_block", TAYLOR_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", [*LAYOUTS, "mixed"])
+def test_taylor_matches_oracle(backend, dtype, shape, row_block, col_block, layout):
+    _, device = backend
+    w = matrix(shape, dtype, "transposed" if layout == "mixed" else layout, device)
+    g = matrix(shape, dtype, "sliced" if layout == "mixed" else layout, device)
+    rows0 = torch.rand(3, shape[0] // row_block, device=device) + 0.5  # the op must add, not overwrite
+    cols0 = torch.rand(3, shape[1] // col_block, device=device) + 0.5
+    rows, cols = rows0.clone(), cols0.clone()
+    ops.taylor_accumulate_(w, g, rows, cols, row_block, col_block)
+    assert_taylor_close(rows, cols, rows0, cols0, w, g, row_block, col_block)
 
 
 def test_taylor_strided_accumulators(backend):
-    name, device = backend
-    weight, grad = torch.randn(2, 24, 40, device=device).unbind(0)
+    _, device = backend
+    w, g = torch.randn(2, 24, 40, device=device).unbind(0)
     rows = torch.rand(6, 3, device=device).t()[:, ::2]  # (3, 3) with strides (1, 6)
     cols = torch.rand(3, 20, device=device)[:, ::2]  # (3, 10)
-    want_rows, want_cols = rows.clone(), cols.clone()
-    ops.taylor_accumulate_reference(weight, grad, want_rows, want_cols, 8, 4)
-    ops.taylor_accumulate_(weight, grad, rows, cols, 8, 4)
-    torch.testing.assert_close(rows, want_rows, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(cols, want_cols, rtol=1e-5, atol=1e-4)
+    rows0, cols0 = rows.clone(), cols.clone()
+    ops.taylor_accumulate_(w, g, rows, cols, 8, 4)
+    assert_taylor_close(rows, cols, rows0, cols0, w, g, 8, 4)
 
 
-def test_taylor_partials_deterministic(backend):
+def test_taylor_is_deterministic(backend):
     _, device = backend
-    weight, grad = torch.randn(2, 257, 129, device=device).unbind(0)
-    first = ops.taylor_partials(weight, grad, 1, 3)
-    second = ops.taylor_partials(weight, grad, 1, 3)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    w, g = torch.randn(2, 257, 129, device=device).unbind(0)
+    first, second = ops.taylor_partials(w, g, 1, 3), ops.taylor_partials(w, g, 1, 3)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
+
+# ---------------------------------------------------------------- gather
 
 GATHER_CASES = [  # (shape, layout, dim)
     ((37, 53), "contiguous", 0), ((37, 53), "contiguous", 1), ((37, 53), "transposed", 0),
@@ -108,127 +77,132 @@ GATHER_CASES = [  # (shape, layout, dim)
 
 
 def _tensor(shape, layout, dtype, device):
+    if not dtype.is_floating_point:
+        base = torch.randint(-1000, 1000, (2 * max(shape),) * len(shape), device=device)
+        return base[tuple(slice(0, n) for n in shape)].to(dtype) if dtype != torch.bool else \
+            base[tuple(slice(0, n) for n in shape)] > 0
     if layout == "transposed":
-        return torch.randn(shape[::-1], device=device).t().to(dtype)
+        return torch.randn(shape[::-1], device=device).to(dtype).t()
     if layout == "permuted":
-        return torch.randn(shape[1], shape[2], shape[0], device=device).permute(2, 0, 1).to(dtype)
+        return torch.randn(shape[1], shape[2], shape[0], device=device).to(dtype).permute(2, 0, 1)
     if layout == "sliced":
-        return torch.randn(*shape[:-1], 2 * shape[-1], device=device)[..., ::2].to(dtype)
+        return torch.randn(*shape[:-1], 2 * shape[-1], device=device).to(dtype)[..., ::2]
     return torch.randn(shape, device=device).to(dtype)
 
 
-def _kept(n, device):
-    keep = torch.randperm(n)[: max(1, (2 * n) // 3)]
-    return keep.sort().values.to(device)
-
-
-@pytest.mark.parametrize("dtype", DTYPES + [torch.int64], ids=str)
-@pytest.mark.parametrize("shape,layout,dim", GATHER_CASES)
-def test_gather_matches_reference(backend, dtype, shape, layout, dim):
-    name, device = backend
-    src = _tensor(shape, layout, dtype, device) if dtype.is_floating_point else \
-        torch.randint(1, 1000, shape, device=device)
-    index = _kept(src.shape[dim], device)
-    _poison_allocator(src.numel() * src.element_size(), device)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.int64, torch.bool], ids=str)
+@pytest.mark.parametrize("shape,layout,dim", GATHER_CASES, ids=str)
+def test_gather_matches_oracle(backend, dtype, shape, layout, dim):
+    _, device = backend
+    src = _tensor(shape, layout, dtype, device)
+    index = kept(src.shape[dim], device=device)
+    poison_allocator(src.numel() * src.element_size(), device)
     out = ops.gather(src, dim, index)
-    assert ops.last_backend("gather") == name
-    assert out.is_contiguous()
-    assert torch.equal(out, src.index_select(dim, index))
+    assert out.is_contiguous() and out.dtype == src.dtype
+    assert torch.equal(out, gather_oracle(src, dim, index))
 
 
-def test_gather_empty_index(backend):
+@pytest.mark.parametrize("kind", ["all", "one", "empty"])
+def test_gather_edge_indices(backend, kind):
     _, device = backend
     src = torch.randn(6, 5, device=device)
-    out = ops.gather(src, 1, torch.empty(0, dtype=torch.long, device=device))
-    assert out.shape == (6, 0)
+    index = kept(5, kind, device)
+    out = ops.gather(src, 1, index)
+    assert out.shape == (6, index.numel()) and torch.equal(out, gather_oracle(src, 1, index))
+
+
+def test_gather_refuses_out_of_range_indices(backend):
+    name, device = backend
+    if device == "cuda":  # a device-side error ends the CUDA context: check it in a fresh process
+        code = (f"import torch, fastprune\nwith fastprune.backends.use({name!r}):\n"
+                f"    out = fastprune.ops.gather(torch.randn(6, 4, device='cuda'), 0, "
+                f"torch.tensor([1, 6], device='cuda'))\ntorch.cuda.synchronize()\n")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and "assert" in proc.stderr.lower(), proc.stderr[-2000:]
+        return
+    src = torch.randn(6, 4)
+    for dim, bad in ((0, [1, 6]), (1, [-1, 2]), (0, [0, 100])):
+        with pytest.raises((IndexError, RuntimeError), match="out of"):
+            ops.gather(src, dim, torch.tensor(bad))
 
 
 def test_opcheck(backend):
     _, device = backend
-    weight, grad = torch.randn(2, 12, 10, device=device).unbind(0)
+    w, g = torch.randn(2, 12, 10, device=device).unbind(0)
     rows, cols = torch.rand(3, 6, device=device), torch.rand(3, 5, device=device)
-    torch.library.opcheck(torch.ops.fastprune.taylor_accumulate_.default, (weight, grad, rows, cols, 2, 2))
+    torch.library.opcheck(torch.ops.fastprune.taylor_accumulate_.default, (w, g, rows, cols, 2, 2))
     src = torch.randn(9, 11, device=device, dtype=torch.bfloat16)
     for dim in (0, 1):
-        torch.library.opcheck(torch.ops.fastprune.gather.default, (src, dim, _kept(src.shape[dim], device)))
+        torch.library.opcheck(torch.ops.fastprune.gather.default, (src, dim, kept(src.shape[dim], device=device)))
 
 
-# ---------------------------------------------------------------- backend selection
-
-@pytest.fixture
-def clean_backend(monkeypatch):
-    monkeypatch.delenv("FASTPRUNE_BACKEND", raising=False)
-    ops.set_backend(None)
-    yield monkeypatch
-    ops.set_backend(None)
-
-
-def _run_both():
-    w, g = torch.randn(2, 4, 6).unbind(0)
-    ops.taylor_partials(w, g)
-    ops.gather(w, 0, torch.tensor([1, 3]))
-
-
-def test_auto_prefers_cpp_on_cpu(clean_backend):
-    assert ops.get_backend() == "auto"
-    _run_both()
-    want = "cpp" if HAS_CPP else "reference"
-    assert ops.last_backend("taylor_accumulate_") == want
-    assert ops.last_backend("gather") == want
-
-
-def test_env_selects_backend(clean_backend):
-    clean_backend.setenv("FASTPRUNE_BACKEND", "reference")
-    _run_both()
-    assert ops.last_backend("taylor_accumulate_") == "reference"
-    assert ops.last_backend("gather") == "reference"
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_large_shapes_reach_the_wide_and_grid_stride_paths(name):
+    """On an H100/H200-class GPU: gather rows of 8 KiB (16-byte units, more units than threads launched)
+    and a Taylor matrix with more tiles and fold warps than the grids hold (grid-stride loops)."""
+    require(name, "cuda")
+    with backends.use(name):
+        src = torch.randn(4096, 4096, device="cuda").bfloat16()
+        for dim in (0, 1):
+            index = kept(4096, device="cuda")
+            out = ops.gather(src, dim, index)
+            assert torch.equal(out, src.index_select(dim, index))
+        w, g = (torch.randn(8192, 4608, device="cuda").bfloat16() for _ in range(2))
+        rows0, cols0 = torch.rand(3, 8192, device="cuda"), torch.rand(3, 4608, device="cuda")
+        rows, cols = rows0.clone(), cols0.clone()
+        ops.taylor_accumulate_(w, g, rows, cols, 1, 1)
+        p = w.double() * g.double()
+        for got, start, axis in ((rows, rows0, 1), (cols, cols0, 0)):
+            want = torch.stack([p.abs().sum(axis), p.sum(axis), (p * p).sum(axis)])
+            scale = want[0].abs().max().item()
+            torch.testing.assert_close(got.double() - start.double(), want, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_set_backend_overrides_env(clean_backend):
-    clean_backend.setenv("FASTPRUNE_BACKEND", "reference")
-    if HAS_CPP:
-        ops.set_backend("cpp")
-        _run_both()
-        assert ops.last_backend("gather") == "cpp"
-    ops.set_backend(None)
-    _run_both()
-    assert ops.last_backend("gather") == "reference"
+# ---------------------------------------------------------------- C++: thread count
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpp_taylor_is_bitwise_the_same_with_one_and_two_threads(dtype):
+    require("cpp", "cpu")
+    w, g = matrix((1000, 2600), dtype), matrix((1000, 2600), dtype, "sliced")  # 63 row chunks, 7800 columns
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        with backends.use("cpp"):
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                results.append(ops.taylor_partials(w, g, 4, 2))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
-def test_bad_backend_names(clean_backend):
-    with pytest.raises(ValueError, match="unknown backend"):
-        ops.set_backend("fortran")
-    clean_backend.setenv("FASTPRUNE_BACKEND", "fortran")
-    with pytest.raises(ValueError, match="FASTPRUNE_BACKEND"):
-        ops.get_backend()
+# ---------------------------------------------------------------- validation: one place, every backend
+
+def test_bad_arguments_are_refused_before_any_backend_runs(backend):
+    _, device = backend
+    w = torch.randn(6, 4, device=device)
+    z = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+    cases = [
+        (lambda: ops.taylor_partials(w, torch.randn(4, 6, device=device)), "grad the same shape"),
+        (lambda: ops.taylor_partials(w, w, 4, 1), "must divide the shape"),
+        (lambda: ops.taylor_accumulate_(w, w, z(3, 5), z(3, 4)), r"accumulators must be \(3, 6\)"),
+        (lambda: ops.taylor_accumulate_(w, w, z(3, 6, dtype=torch.float64), z(3, 4)), "float32"),
+        (lambda: ops.taylor_partials(w.double(), w.double()), "float32, float16 or bfloat16"),
+        (lambda: ops.gather(w, 0, torch.tensor([0, 1], dtype=torch.int32, device=device)), "1-D int64"),
+        (lambda: ops.gather(w, 2, torch.tensor([0], device=device)), "out of range"),
+    ]
+    if device == "cuda":
+        cases.append((lambda: ops.gather(w, 0, torch.tensor([0])), "must be on cuda"))
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
 
 
-def test_backend_without_kernel_for_device(clean_backend):
-    ops.set_backend("cuda")
-    with pytest.raises(RuntimeError, match="no gather kernel for cpu"):
-        ops.gather(torch.randn(3, 3), 0, torch.tensor([0]))
-
-
-# ---------------------------------------------------------------- input errors
-
-def test_op_errors():
-    w = torch.randn(6, 4)
-    with pytest.raises(ValueError, match="grad the same shape"):
-        ops.taylor_partials(w, torch.randn(4, 6))
-    with pytest.raises(ValueError, match="must divide the shape"):
-        ops.taylor_partials(w, w, 4, 1)
-    with pytest.raises(ValueError, match=r"accumulators must be \(3, 6\)"):
-        ops.taylor_accumulate_(w, w, torch.zeros(3, 5), torch.zeros(3, 4))
-    with pytest.raises(ValueError, match="float32"):
-        ops.taylor_accumulate_(w, w, torch.zeros(3, 6, dtype=torch.float64), torch.zeros(3, 4))
-    with pytest.raises(ValueError, match="1-D int64"):
-        ops.gather(w, 0, torch.tensor([0, 1], dtype=torch.int32))
-    with pytest.raises(ValueError, match="out of range"):
-        ops.gather(w, 2, torch.tensor([0]))
-
-
-@pytest.mark.skipif(not HAS_CPP, reason="the C++ extension is not built")
 def test_native_error_messages():
+    """The C++ entry points guard memory themselves when called directly (TORCH_CHECK)."""
+    require("cpp", "cpu")
     from fastprune._native import _C
 
     w = torch.randn(6, 4)
@@ -251,3 +225,124 @@ def test_native_error_messages():
         _C.gather_cpu(w, 0, torch.tensor([[0]]))
     with pytest.raises(RuntimeError, match="dim 3 is out of range"):
         _C.gather_cpu(w, 3, torch.tensor([0]))
+
+
+# ---------------------------------------------------------------- defaults, forcing, self-check
+
+def test_defaults_on_this_machine():
+    want_cpu = "cpp" if "cpp" in backends.available("cpu") else "reference"
+    assert backends.active("gather", "cpu") == backends.active("taylor_accumulate_", "cpu") == want_cpu
+    want_cuda = next((b for b in ("cuda", "triton") if b in backends.available("cuda")), "reference")
+    assert backends.active("gather", "cuda") == want_cuda
+
+
+def test_use_forces_and_restores():
+    before = backends.active("gather", "cpu")
+    with backends.use("reference"):
+        assert backends.active("gather", "cpu") == backends.active("gather", "cuda") == "reference"
+        with backends.substitute("gather", "cpu", lambda src, dim, index: src.index_select(dim, index) + 1,
+                                 name="plus-one", checked=False):
+            src = torch.randn(4, 5)
+            assert torch.equal(ops.gather(src, 0, torch.tensor([1, 3])), src[[1, 3]] + 1)  # the dispatcher calls it
+        assert backends.active("gather", "cpu") == "reference"
+    assert backends.active("gather", "cpu") == before
+
+
+def test_unknown_and_unavailable_backends():
+    with pytest.raises(ValueError, match="unknown backend 'fortran'"):
+        with backends.use("fortran"):
+            pass
+    if "cuda" not in backends.available("cuda"):
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available here"):
+            with backends.use("cuda"):
+                pass
+    with pytest.raises(ValueError, match="unknown device type"):
+        backends.available("tpu")
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k != "FASTPRUNE_BACKEND"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**full, **env}, timeout=300)
+
+
+def test_environment_forces_the_reference():
+    code = ("import fastprune\nfrom fastprune import backends\n"
+            "print([backends.active(op, d) for op in backends.OPS for d in backends.DEVICE_TYPES])")
+    proc = _run(code, FASTPRUNE_BACKEND="reference")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["['reference',", "'reference',", "'reference',", "'reference']"]
+    proc = _run("import fastprune", FASTPRUNE_BACKEND="fortran")
+    assert proc.returncode != 0 and "FASTPRUNE_BACKEND: unknown backend 'fortran'" in proc.stderr
+
+
+def _wrong_gather(src, dim, index):
+    return src.index_select(dim, index.flip(0))  # right values, wrong order
+
+
+def test_self_check_catches_a_wrong_kernel_and_falls_back():
+    calls = []
+
+    def wrong(*args):
+        calls.append(1)
+        return _wrong_gather(*args)
+
+    with backends.substitute("gather", "cpu", wrong, name="wrong") as kernel:
+        src = torch.randn(7, 9)
+        index = torch.tensor([0, 2, 5])
+        with pytest.warns(RuntimeWarning, match=r"wrong kernel of gather failed its self-check on cpu torch.float32"):
+            out = ops.gather(src, 1, index)
+        assert torch.equal(out, gather_oracle(src, 1, index))  # the reference answered
+        checked = len(calls)
+        assert checked > 0
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once: no second warning
+            assert torch.equal(ops.gather(src, 0, torch.tensor([3])), src[3:4])
+        assert len(calls) == checked  # never trusted again for this device and dtype
+        assert backends.active("gather", "cpu", torch.float32) == "reference"
+        assert list(kernel.failed) == [(torch.device("cpu"), torch.float32)]
+        with pytest.warns(RuntimeWarning, match="torch.bfloat16"):  # another dtype is checked on its own
+            ops.gather(src.bfloat16(), 1, index)
+
+
+def test_self_check_catches_a_failing_kernel():
+    def broken(*args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    with backends.substitute("taylor_accumulate_", "cpu", broken, name="broken"):
+        w, g = torch.randn(2, 5, 4).unbind(0)
+        with pytest.warns(RuntimeWarning, match="broken kernel of taylor_accumulate_ failed its self-check.*no "
+                                                 "kernel image"):
+            rows, cols = ops.taylor_partials(w, g)
+        assert_taylor_close(rows, cols, torch.zeros_like(rows), torch.zeros_like(cols), w, g, 1, 1)
+
+
+def test_self_check_trusts_a_right_kernel_once_per_device_and_dtype():
+    seen = []
+
+    def right(src, dim, index):
+        seen.append(src.dtype)
+        return src.index_select(dim, index).contiguous()
+
+    with backends.substitute("gather", "cpu", right, name="right") as kernel:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for dtype in (torch.float32, torch.float32, torch.bfloat16):
+                src = torch.randn(6, 6).to(dtype)
+                assert torch.equal(ops.gather(src, 0, torch.tensor([1, 4])), src[[1, 4]])
+        assert not kernel.failed
+        samples = len(backends.OPS["gather"].samples(torch.device("cpu"), torch.float32, torch.Generator()))
+        assert seen.count(torch.float32) == samples + 2 and seen.count(torch.bfloat16) == samples + 1
+
+
+def test_tune_keeps_the_fastest_compiled_backend():
+    compiled = [b for b in backends.available("cpu") if b != "reference"]
+    if not compiled:
+        pytest.skip("no compiled backend for the CPU here")
+    with backends.use("reference"):  # restores the defaults afterwards
+        timings = backends.tune("cpu", torch.float32, shape=(64, 48), repeat=2)
+        for op, seconds in timings.items():
+            assert set(seconds) == set(compiled) and all(s > 0 for s in seconds.values())
+            assert backends.active(op, "cpu") == min(seconds, key=seconds.get)

@@ -3,7 +3,7 @@ import torch
 from models import UnseenLM, tiny_llama
 
 import fastprune
-from fastprune import ops
+from fastprune import backends
 from fastprune.errors import FastpruneError
 from fastprune.importance import score
 from fastprune.plan import Plan
@@ -92,19 +92,16 @@ def test_saved_scores_make_plans_at_several_ratios(tmp_path):
 @pytest.mark.parametrize("scope", ["block", "channel", "layer"])
 @pytest.mark.parametrize("criterion", ["element1", "vectorwise", "l2"])
 def test_compiled_kernels_give_the_reference_plans(scope, criterion):
-    if "cpp" not in ops.available_backends("cpu"):
+    if "cpp" not in backends.available("cpu"):
         pytest.skip("the C++ extension is not built")
     plans = {}
     for backend in ("reference", "cpp"):
-        ops.set_backend(backend)
-        try:
+        with backends.use(backend):
             model = _model()
             report = fastprune.prune(model, 0.25, criterion=criterion, scope=scope, calib=_calib(),
                                      layers=(0, 4) if scope == "block" else None, dry_run=True,
                                      method="llm-pruner", progress=False)
             plans[backend] = report.settings["plans"][0]
-        finally:
-            ops.set_backend(None)
     assert plans["reference"] == plans["cpp"]
 
 

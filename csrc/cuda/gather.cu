@@ -4,7 +4,9 @@
 // (coalesced) and read consecutive units whenever src's last dimension is contiguous and not
 // the gathered one.  The caller picks the unit: for a contiguous src it views the problem as
 // (outer, index, inner bytes) and copies 16-, 8-, 4-, 2- or 1-byte units, the widest that the
-// row length and pointer alignment allow; otherwise a unit is one element.
+// row length and pointer alignment allow; otherwise a unit is one element.  An index outside
+// [0, extent) is never read through: its units are written as zeros and a device flag is raised,
+// which the caller turns into an error without synchronising.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -16,29 +18,39 @@ namespace {
 
 struct Dims {
   int ndim, dim;
+  int64_t extent;
   int64_t sizes[kMaxGatherDims];
   int64_t strides[kMaxGatherDims];
 };
 
 template <typename U>
 __global__ void gather_kernel(const U* __restrict__ src, U* __restrict__ dst, const int64_t* __restrict__ index,
-                              Dims d, int64_t n) {
+                              Dims d, int64_t n, int* __restrict__ bad_index) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
     int64_t rem = i, offset = 0;
+    bool in_range = true;
     for (int k = d.ndim - 1; k >= 0; --k) {
       int64_t j = rem % d.sizes[k];
       rem /= d.sizes[k];
-      if (k == d.dim) j = index[j];
+      if (k == d.dim) {
+        j = index[j];
+        in_range = j >= 0 && j < d.extent;
+      }
       offset += j * d.strides[k];
     }
-    dst[i] = src[offset];
+    if (in_range) {
+      dst[i] = src[offset];
+    } else {
+      dst[i] = U{};
+      *bad_index = 1;
+    }
   }
 }
 
 template <typename U>
 cudaError_t launch_typed(const GatherArgs& a, cudaStream_t stream) {
-  Dims d{a.ndim, a.dim, {}, {}};
+  Dims d{a.ndim, a.dim, a.extent, {}, {}};
   int64_t n = 1;
   for (int k = 0; k < a.ndim; ++k) {
     d.sizes[k] = a.sizes[k];
@@ -54,7 +66,7 @@ cudaError_t launch_typed(const GatherArgs& a, cudaStream_t stream) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   const int64_t grid = blocks < 16LL * sms ? blocks : 16LL * sms;
   gather_kernel<U><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-      static_cast<const U*>(a.src), static_cast<U*>(a.dst), a.index, d, n);
+      static_cast<const U*>(a.src), static_cast<U*>(a.dst), a.index, d, n, a.bad_index);
   return cudaGetLastError();
 }
 

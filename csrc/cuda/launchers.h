@@ -32,7 +32,9 @@ constexpr int kMaxGatherDims = 8;
 struct GatherArgs {
   const void* src;
   void* dst;              // contiguous, shape `sizes`
-  const int64_t* index;   // index[k] in [0, src extent of `dim`)
+  const int64_t* index;   // index[k] should lie in [0, extent)
+  int64_t extent;         // src's size along `dim`
+  int* bad_index;         // device flag, set to 1 when an index is outside [0, extent) (that read is skipped)
   int ndim, dim;
   int64_t sizes[kMaxGatherDims];        // output sizes (sizes[dim] = number of indices)
   int64_t src_strides[kMaxGatherDims];  // in units

@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <string>
 
 #include "checks.h"
 #include "cuda/launchers.h"
@@ -76,20 +77,21 @@ at::Tensor gather_cuda(const at::Tensor& src, int64_t dim, const at::Tensor& ind
   dim = check_gather_args(src, dim, index, at::kCUDA);
   const c10::cuda::CUDAGuard guard(src.device());
   const int64_t extent = src.size(dim);
-  // One device sync: compaction runs once per matrix, and a bad index must not read out of bounds.
-  TORCH_CHECK(index.numel() == 0 || ((index >= 0) & (index < extent)).all().item<bool>(),
-              "gather: index has values out of range [0, ", extent, ") for dim ", dim, " of src with shape ",
-              src.sizes());
   const at::Tensor idx = index.contiguous();
   auto sizes = src.sizes().vec();
   sizes[dim] = idx.numel();
   at::Tensor out = at::empty(sizes, src.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
+  // Bounds are checked by the kernel as it reads each index; the flag becomes an error on the
+  // device (no host synchronisation: compaction calls this once per matrix).
+  at::Tensor bad_index = at::zeros({1}, src.options().dtype(at::kInt));
 
   cuda::GatherArgs a{};
   a.src = src.const_data_ptr();
   a.dst = out.data_ptr();
   a.index = idx.const_data_ptr<int64_t>();
+  a.extent = extent;
+  a.bad_index = bad_index.data_ptr<int>();
   const int64_t es = src.element_size();
   if (src.is_contiguous()) {
     // (outer, extent, inner) viewed in the widest unit the inner row allows.
@@ -120,6 +122,9 @@ at::Tensor gather_cuda(const at::Tensor& src, int64_t dim, const at::Tensor& ind
     a.unit_bytes = static_cast<int>(es);
   }
   check_launch(cuda::gather_launch(a, c10::cuda::getCurrentCUDAStream()), "gather");
+  const std::string message = c10::str("gather: index has values out of range [0, ", extent, ") for dim ", dim,
+                                       " of src with shape ", src.sizes());
+  at::_assert_async(bad_index.eq(0), message);
   return out;
 }
 

@@ -1,22 +1,16 @@
-"""Loader of the compiled extension ``_C``: registers its kernels as fastprune backends.
+"""The compiled extension ``_C``: C++ kernels for the CPU, and CUDA kernels when built with CUDA.
 
-``cpp`` serves CPU tensors; ``cuda`` (present when the extension was built with CUDA) serves
-CUDA tensors once selected.  Raises ImportError when the extension was not built, or was compiled
-against another torch release than the one running (``fastprune.native_build``).
+Importing it registers nothing (``fastprune.backends`` registers its kernels with the dispatcher)
+and raises ImportError when the extension was not built, or was compiled against another torch
+release than the one running (``fastprune.native_build``).
 """
 
 import torch
 
-from fastprune import ops
-from fastprune._native import _C
 from fastprune.native_build import check_compiled_torch
 
-check_compiled_torch(_C.torch_version, torch.__version__)
+from . import _C
 
-ops.register_backend("taylor_accumulate_", "cpp", "cpu", _C.taylor_accumulate_cpu)
-ops.register_backend("gather", "cpp", "cpu", _C.gather_cpu)
-if _C.with_cuda:
-    ops.register_backend("taylor_accumulate_", "cuda", "cuda", _C.taylor_accumulate_cuda)
-    ops.register_backend("gather", "cuda", "cuda", _C.gather_cuda)
+check_compiled_torch(_C.torch_version, torch.__version__)
 
 __all__ = ["_C"]

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import device_guard, pow2_block, target_programs
+from .triton_utils import device_guard, pow2_block, target_programs
 
 
 @triton.jit
@@ -73,17 +73,11 @@ def taylor_accumulate(weight: torch.Tensor, grad: torch.Tensor, rows: torch.Tens
                       block_c: int | None = None, split_c: int | None = None) -> None:
     """Add per-block sums of |w*g|, w*g, (w*g)^2 into ``rows`` (3, R//row_block) and ``cols``.
 
-    ``block_r``/``block_c`` (powers of two) and ``split_c`` (programs per row strip) override
-    the launch configuration; tests use them to exercise multi-tile paths on small shapes.
+    Arguments as checked by ``fastprune.ops.check_taylor``.  ``block_r``/``block_c`` (powers of
+    two) and ``split_c`` (programs per row strip) override the launch configuration; tests use
+    them to exercise multi-tile paths on small shapes.
     """
-    if weight.dim() != 2 or grad.shape != weight.shape:
-        raise ValueError(f"taylor_accumulate: weight must be 2-D and grad the same shape, got "
-                         f"{tuple(weight.shape)} and {tuple(grad.shape)}")
     R, C = weight.shape
-    if rows.shape != (3, R // row_block) or cols.shape != (3, C // col_block) or R % row_block \
-            or C % col_block:
-        raise ValueError(f"taylor_accumulate: blocks ({row_block}, {col_block}) and accumulators "
-                         f"{tuple(rows.shape)}, {tuple(cols.shape)} do not fit weight ({R}, {C})")
     if R == 0 or C == 0:
         return
     # Tiles are wide along the contiguous dim; 128 x 64 keeps ~64 fp32 values of w and g per

@@ -1,1 +1,0 @@
-"""Triton kernels for fastprune's ops (imported lazily; ``registry`` registers them)."""
