@@ -95,13 +95,13 @@ import warnings, torch
 torch.__version__ = "2.12.0+cu128"
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    from fastprune import ops
+    from fastprune import backends, ops
     ops.gather(torch.randn(4, 4), 0, torch.tensor([1, 3]))
 messages = [str(w.message) for w in caught if "compiled extension" in str(w.message)]
 assert len(messages) == 1, messages
 assert "compiled against torch 2.13.0 and torch 2.12.0+cu128 is running" in messages[0], messages[0]
 assert "reference" in messages[0] and "--no-build-isolation" in messages[0], messages[0]
-assert ops.last_backend("gather") == "reference"
+assert backends.active("gather", "cpu") == "reference"
 """
     result = _run([sys.executable, "-c", code])
     assert result.returncode == 0, result.stderr
@@ -128,8 +128,8 @@ class NoExtension:
 sys.meta_path.insert(0, NoExtension())
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    from fastprune import ops
-    print(ops.available_backends())
+    from fastprune import backends
+    print(backends.available())
 print(json.dumps([str(w.message) for w in caught if "compiled extension" in str(w.message)]))
 """
     result = _run([sys.executable, "-c", code], env={"PATH": _empty_path(tmp_path)})
