@@ -53,6 +53,8 @@ ROWS: dict[str, dict | None] = {
     "element1 + sequential refit": dict(LLMP, reconstruct=True, sequential=True),
     "fluctuation": dict(LLMP, criterion="fluctuation"),
     "obs": dict(LLMP, criterion="obs"),
+    "element1, sensitivity allocation": dict(LLMP, allocation="sensitivity"),
+    "element1 + refit (generic mix), sensitivity allocation": dict(LLMP, reconstruct=True, allocation="sensitivity"),
     "element1 global, all layers": dict(LLMP, ranking="global", layers=(0, 30), max_group_ratio=0.6),
     "obs global, all layers": dict(LLMP, criterion="obs", ranking="global", layers=(0, 30), max_group_ratio=0.6),
     "refit (default)": dict(method="refit"),
