@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast compat lint cuda-compile package-check
+.PHONY: setup demo test test-fast fuzz compat lint cuda-compile package-check
 
 setup:
 	bash scripts/setup.sh
@@ -17,6 +17,10 @@ test: setup
 
 test-fast:
 	$(PY) -m pytest -q -m "not slow"
+
+# fuzzed equivalence and save/load on 500 random models and plans (seeds 0-499; every test run checks 0-29)
+fuzz:
+	FASTPRUNE_FUZZ_CASES=500 $(PY) -m pytest -q tests/test_fuzz.py
 
 # the fast tests at the oldest supported transformers, peft, accelerate ... (README "Supported versions");
 # reuses the C++ extension `make setup` built (or builds it), in a second venv, .venv-low

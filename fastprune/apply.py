@@ -9,7 +9,6 @@ import torch
 from fastprune import graph_cache, ops
 from fastprune.errors import FastpruneError
 from fastprune.graph import PruningGraph
-from fastprune.overrides import override_for
 from fastprune.plan import Plan
 from fastprune.transfers import upload
 from fastprune.widths import layer_widths, remove_layer_widths, update_config, write_widths
@@ -104,9 +103,6 @@ def apply(model: torch.nn.Module, plan: Plan, graph: PruningGraph | None = None,
             p.data = data  # the old storage is freed here: peak overhead is one matrix
             p.grad = None
     write_widths(model, plan, graph)
-    override = override_for(model)
-    if override is not None and override.adapt is not None:
-        override.adapt(model, plan, graph)
     if removed_layers:
         _remove_layers(model, graph, sorted(removed_layers))
     graph_cache.remember_pruned(model, graph, plan, key_before)  # the next discovery of this model needs no trace

@@ -74,6 +74,11 @@ def override_key(model: torch.nn.Module) -> str | None:
     return None
 
 
+def registered_override(key: str | None) -> Override | None:
+    """The override registered under ``key`` (None for None or an unknown key)."""
+    return None if key is None else _OVERRIDES.get(key)
+
+
 def override_for(model: torch.nn.Module) -> Override | None:
     """The registered override of ``model``, if any."""
     key = override_key(model)

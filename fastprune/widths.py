@@ -100,6 +100,7 @@ class WidthMap:
     layer_lists: list[str] = field(default_factory=list)  # config fields with one entry per layer
     # (layer, module path inside the layer, attribute): attributes holding their layer's index
     layer_index: list[tuple[int, str, str]] = field(default_factory=list)
+    override: str | None = None  # key of the family override whose ``adapt`` runs with the widths
 
     def links_of(self, module: str) -> dict[str, WidthLink]:
         """The links of one module, by attribute."""
@@ -121,7 +122,7 @@ def resolve_widths(model: torch.nn.Module, result: TraceResult, leaf_groups: dic
                 links.append(link)
     config = getattr(model, "config", None)
     hidden = next((g.size for g in leaf_groups.values() if g.kind == "hidden"), None)
-    widths = WidthMap(links=links)
+    widths = WidthMap(links=links, override=key)
     if config is not None:
         widths.config_fields = _config_fields(config, hidden, num_layers)
         widths.layer_lists = [name for name, value in vars(config).items()
@@ -194,8 +195,11 @@ def _config_fields(config: Any, hidden: int | None, num_layers: int) -> dict[str
 def write_widths(model: torch.nn.Module, plan: Plan, graph: PruningGraph) -> None:
     """Give every module attribute and config field the width ``plan`` leaves (weights already compacted).
 
-    Called by ``apply`` before removed layers leave the model.
+    Called by ``apply`` before removed layers leave the model.  The family override's ``adapt``
+    (per-layer state such as BLOOM's ALiBi rows) runs here too.
     """
+    from fastprune.overrides import registered_override
+
     widths = layer_widths(model, graph, plan)  # while the config still describes the graph's model
     removed = set(plan.remove_layers)
     layer = {g.name: g.layer for g in graph.groups}
@@ -204,6 +208,9 @@ def write_widths(model: torch.nn.Module, plan: Plan, graph: PruningGraph) -> Non
             remote.set_module_attribute(model, model.get_submodule(link.module), link.attr,
                                         len(plan.keep[link.group]) * link.per)
     remote.follow_weight_shapes(model)
+    override = registered_override(graph.widths.override)
+    if override is not None and override.adapt is not None:
+        override.adapt(model, plan, graph)
     config = getattr(model, "config", None)
     if config is not None:
         update_config(config, plan, graph, widths)
