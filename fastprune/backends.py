@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from fastprune import ops
-from fastprune.native_build import unavailable_message
+from fastprune.native_build import check_compiled_torch, unavailable_message
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 DEVICE_TYPES = ("cpu", "cuda")
@@ -186,6 +186,7 @@ def _native():
     global _native_error, _native_exc
     try:
         from fastprune._native import _C
+        check_compiled_torch(_C.torch_version, torch.__version__)  # another torch release: ImportError
     except ImportError as exc:
         _native_error, _native_exc = str(exc), exc
         return None
