@@ -53,6 +53,7 @@ ROWS: dict[str, dict | None] = {
     "element1 + sequential refit": dict(LLMP, reconstruct=True, sequential=True),
     "fluctuation": dict(LLMP, criterion="fluctuation"),
     "obs": dict(LLMP, criterion="obs"),
+    "obs + refit (generic mix)": dict(LLMP, criterion="obs", reconstruct=True),
     "element1, sensitivity allocation": dict(LLMP, allocation="sensitivity"),
     "element1 + refit (generic mix), sensitivity allocation": dict(LLMP, reconstruct=True, allocation="sensitivity"),
     "element1 global, all layers": dict(LLMP, ranking="global", layers=(0, 30), max_group_ratio=0.6),
@@ -145,7 +146,7 @@ def run_fastprune_row(job: dict, args) -> dict:
                          "seconds": result.seconds, "trainable_params": result.trainable_params,
                          "loss_first": result.losses[0][1], "loss_last": result.losses[-1][1], **LORA,
                          "max_steps": args.lora_steps}
-    entry.update(evaluate_row(model, tokenizer, args, zeroshot=job["zeroshot"]))
+    entry.update(evaluate_row(model, tokenizer, args, zeroshot=job["with_zeroshot"]))
     return entry
 
 
@@ -216,7 +217,7 @@ def main_table(results: list[dict]) -> str:
             lines.append(f"| {r['row']} | " + " | ".join(["-"] * (len(head) - 2)) + f" | {r['status']} |")
             continue
         removed = f"{1 - r['params'] / dense['params']:.1%}" if dense else "-"
-        accs = [r["zeroshot"][t] for t in TASKS] if "zeroshot" in r else []
+        accs = [r["zeroshot"][t] for t in TASKS] if isinstance(r.get("zeroshot"), dict) else []
         cells = ([r["row"], f"{r['params']:,}", removed] + _ppl_cells(r, dense)
                  + ([f"{a:.1f}" for a in accs] + [f"{sum(accs) / len(accs):.1f}"] if accs else ["-"] * (len(TASKS) + 1))
                  + [f"{r['prune_s']:.1f}" if "prune_s" in r else "-",
@@ -277,7 +278,7 @@ def jobs_from_args(args) -> list[dict]:
 
     def add(row, ratio, seed, zeroshot, part, **extra):
         key = f"{part}|{row}|r{ratio}|s{seed}" + "".join(f"|{k}{v}" for k, v in sorted(extra.items()))
-        jobs.append(dict(job=key, part=part, row=row, ratio=ratio, seed=seed, zeroshot=zeroshot, **extra))
+        jobs.append(dict(job=key, part=part, row=row, ratio=ratio, seed=seed, with_zeroshot=zeroshot, **extra))
 
     for row in args.rows:
         add(row, args.ratio, args.seed, not args.no_zeroshot, "main")
