@@ -141,7 +141,7 @@ def derive(graph: PruningGraph, plan: Plan, shapes: dict[str, tuple[int, ...]],
     widths = WidthMap(links=links, config_fields={k: list(v) for k, v in graph.widths.config_fields.items()},
                       layer_lists=list(graph.widths.layer_lists),
                       layer_index=[(renumber[i], path, attr) for i, path, attr in graph.widths.layer_index
-                                   if i not in gone])
+                                   if i not in gone], override=graph.widths.override)
     return PruningGraph(groups=groups, layer_container=graph.layer_container,
                         num_layers=graph.num_layers - len(removed_layers), param_shapes=shapes,
                         fingerprint=fingerprint, warnings=list(graph.warnings), widths=widths)
