@@ -94,7 +94,7 @@ def test_same_structure_reuses_the_graph(traces):
 def test_iterative_pruning_traces_once(traces):
     model = tiny_llama(layers=4, hidden=72, intermediate=160, heads=6, kv_heads=3)
     calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
-    report = fastprune.prune(model, 0.3, calib=calib, layers=(0, 4), steps=3, progress=False)
+    report = fastprune.prune(model, 0.3, calib=calib, layers=(0, 4), steps=3, method="llm-pruner", progress=False)
     assert len(report.settings["plans"]) == 3 and len(traces) == 1
 
 
