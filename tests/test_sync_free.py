@@ -55,13 +55,15 @@ def _calib(device: str = "cpu"):
 
 CASES = [dict(criterion="element1"), dict(criterion="element2"), dict(criterion="vectorwise", ranking="global"),
          dict(criterion="l2", scope="channel", ratio=None, group_ratio=0.25), dict(criterion="element1", scope="layer"),
-         dict(criterion="element1", steps=2)]
+         dict(criterion="element1", steps=2),
+         dict(method="refit")]
 
 
 @pytest.mark.parametrize("options", CASES, ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_conversions_do_not_grow_with_depth(monkeypatch, options):
-    options = {"ratio": 0.2, **options}
-    fastprune.prune(_model(2), calib=_calib(), progress=False, **options)  # warm: kernels' self-checks
+    options = {"ratio": 0.2, "method": "llm-pruner", **options}
+    for layers in (2, 8):  # warm: kernels' self-checks, and each depth's graph in the discovery cache
+        fastprune.prune(_model(layers), calib=_calib(), layers=(0, layers), progress=False, **options)
     counts = {}
     for layers in (2, 8):
         model = _model(layers)
