@@ -186,7 +186,7 @@ def _native():
     global _native_error, _native_exc
     try:
         from fastprune._native import _C
-        check_compiled_torch(_C.torch_version, torch.__version__)  # another torch release: ImportError
+        check_compiled_torch(getattr(_C, "torch_version", "unknown"), torch.__version__)  # another release: ImportError
     except ImportError as exc:
         _native_error, _native_exc = str(exc), exc
         return None
