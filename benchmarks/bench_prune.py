@@ -198,7 +198,7 @@ def run_fastprune(spec: dict) -> dict:
 
 
 def _timed_prune(spec, fastprune, importance, backends, graph_cache, device) -> dict:
-    options = dict(criterion=spec["criterion"], progress=False, loss_chunk=spec.get("loss_chunk"))
+    options = dict(method="llm-pruner", criterion=spec["criterion"], progress=False, loss_chunk=spec.get("loss_chunk"))
     warm_shape = spec["shape"] if device == "cuda" else "tiny"
     warm = build_model(warm_shape, device, DTYPES[spec["dtype"]], spec["seed"])
     warm_calib = random_calibration(warm.config.vocab_size, spec["n_samples"], spec["seq_len"], spec["seed"])
