@@ -51,7 +51,8 @@ def discover(model: torch.nn.Module, input_ids: torch.Tensor | None = None, *, c
     """Trace one small forward pass of ``model`` and derive its coupled pruning groups.
 
     A graph found (or derived by ``apply``) for a model of the same structure is reused without a
-    trace (:mod:`fastprune.graph_cache`); ``cache=False`` or explicit ``input_ids`` always trace.
+    trace (:mod:`fastprune.graph_cache`); ``cache=False`` or explicit ``input_ids`` always trace, and so
+    does a model whose last trace warned (an override registered since may fix what it reported).
     """
     from fastprune import graph_cache
 
@@ -79,7 +80,7 @@ def discover(model: torch.nn.Module, input_ids: torch.Tensor | None = None, *, c
                          param_shapes=shapes, fingerprint=model_fingerprint(model),
                          warnings=[unmapped_op_hint(model, w) for w in dict.fromkeys(result.unmapped)],
                          widths=widths)
-    if key is not None:
+    if key is not None and not graph.warnings:  # an unmapped op or a failed rule: trace again next time
         graph_cache.store(key, graph)
     return graph
 

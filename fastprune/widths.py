@@ -62,6 +62,9 @@ _NAME_HINTS = {
     "hidden": re.compile(r"hidden|embed|embd|d_model|model_dim", re.I),
 }
 
+# module attributes that hold a module's query-head count by name, bound even when no traced view uses them
+HEAD_COUNT_NAMES = re.compile(r"n_heads?|num_heads|num_attention_heads|n_head")
+
 # count -> config fields by Hugging Face convention.  "first": only the first field the config has
 # carries it; otherwise every field whose value equals the count at discovery does.
 CONFIG_FIELDS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -81,7 +84,8 @@ class WidthLink:
     """Module attribute ``module.attr`` equals ``per`` x the kept elements of group ``group``.
 
     ``attr`` of the form ``config.<field>`` is a field of the module's own copy of the config.
-    ``found`` says how: ``"trace"`` (a literal size the module used) or ``"override <key>"``.
+    ``found`` says how: ``"trace"`` (a literal size the module used), ``"override <key>"`` or ``"name"``
+    (an unused query-head count, see :data:`HEAD_COUNT_NAMES`).
     """
 
     module: str
@@ -120,6 +124,8 @@ def resolve_widths(model: torch.nn.Module, result: TraceResult, leaf_groups: dic
         for link in _declared_links(override.widths, leaf_groups.values(), modules, key):
             if (link.module, link.attr) not in seen:  # traced literals first
                 links.append(link)
+                seen.add((link.module, link.attr))
+    links += _named_head_counts(leaf_groups.values(), modules, seen)
     config = getattr(model, "config", None)
     hidden = next((g.size for g in leaf_groups.values() if g.kind == "hidden"), None)
     widths = WidthMap(links=links, override=key)
@@ -150,6 +156,24 @@ def _traced_links(result: TraceResult, leaf_groups: dict[int, Group], modules: d
             if type(value) is int and value == literal and hint.search(attr):
                 links[(module_name, attr)] = WidthLink(module_name, attr, group.name, per)
     return list(links.values())
+
+
+def _named_head_counts(groups, modules: dict, seen: set) -> list[WidthLink]:
+    """Query-head counts no traced view used (GPT-2's ``num_heads`` under older transformers): bound by name.
+
+    A module's attribute is the same count whether or not this transformers release reads it in
+    ``forward``; binding it keeps the pruned module, and checkpoints loaded by another release, consistent.
+    """
+    links = []
+    for group in groups:
+        module = modules.get(group.name)
+        if group.kind != "heads" or not group.heads_per_element or module is None:
+            continue
+        for attr, value in vars(module).items():
+            if (HEAD_COUNT_NAMES.fullmatch(attr) and (group.name, attr) not in seen and type(value) is int
+                    and value == group.size * group.heads_per_element):
+                links.append(WidthLink(group.name, attr, group.name, group.heads_per_element, "name"))
+    return links
 
 
 def _declared_links(declared: dict[str, str], groups, modules: dict, key: str | None) -> list[WidthLink]:
