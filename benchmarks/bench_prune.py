@@ -524,15 +524,17 @@ def main() -> None:
     import fastprune
 
     where = device_name(device)
+    text = "Wikipedia text for smollm2-real, random token ids otherwise" if args.calib == "wiki" else "random token ids"
+    calibration = f"{text}, {args.n_samples} x {args.seq_len}"
     print(f"\ndevice: {where}; dtype {args.dtype}; fastprune {fastprune.__version__}, torch {torch.__version__}; "
-          f"{args.criterion}, ratio {args.ratio}; calibration: random token ids {args.n_samples} x {args.seq_len}; "
+          f"{args.criterion}, ratio {args.ratio}; calibration: {calibration}; loss_chunk {args.loss_chunk}; "
           f"peak memory: {'max_memory_allocated' if device == 'cuda' else 'process peak RSS so far'}\n")
     print(markdown(records))
     print(f"\ntotal benchmark wall time {time.perf_counter() - start:.0f} s")
     if args.json:
         meta = dict(device=where, device_type=device, dtype=args.dtype, torch=torch.__version__,
                     fastprune=fastprune.__version__, ratio=args.ratio, criterion=args.criterion,
-                    calibration=f"random token ids, {args.n_samples} x {args.seq_len}")
+                    calibration=calibration, loss_chunk=args.loss_chunk)
         with open(args.json, "w") as f:
             json.dump({**meta, "results": records}, f, indent=1)
 

@@ -33,10 +33,9 @@ from fastprune.importance import (
     _blocks,
     _check_calib,
     _checked_params,
-    _group_scores,
-    _layer_scores,
     _lm_loss,
     _Partials,
+    _reduced_scores,
     _scoring_state,
     _Stream,
     score,
@@ -125,8 +124,7 @@ def score_distributed(model: torch.nn.Module, graph: PruningGraph, calib: torch.
     blocks = _blocks(graph, list(params))
     with _scoring_state(model, params, gradient_checkpointing), torch.enable_grad():
         first, second = _partials(model, params, blocks, calib, n_total, criterion, batch_size, group, progress)
-    groups = {g.name: _group_scores(g, criterion, first, second, blocks) for g in graph.groups}
-    layer_scores = _layer_scores(graph, params, criterion, first, second)
+    groups, layer_scores = _reduced_scores(graph, params, criterion, first, second, blocks)
     settings = {"seed": seed, "n_samples": n_total, "seq_len": calib.shape[1], "batch_size": batch_size,
                 "gradient_checkpointing": gradient_checkpointing, "processes": dist.get_world_size(group)}
     return Scores(groups, layer_scores, criterion, graph.fingerprint, settings)
