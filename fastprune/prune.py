@@ -52,7 +52,7 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
           calib: torch.Tensor | str | None = None, tokenizer: Any = None, n_samples: int = 10,
           seq_len: int = 64, steps: int = 1, seed: int = 0, scores: Any = None, plan: Plan | None = None,
           dry_run: bool = False, uniform: bool = False, progress: bool = True,
-          loss_chunk: int | None = None) -> PruneReport:
+          loss_chunk: int | None = None, gradient_checkpointing: bool = False) -> PruneReport:
     """Prune ``model`` in place so that about ``ratio`` of its parameters are removed.
 
     ``criterion``: random, l1, l2, element1, element2, mix, vectorwise.  ``scope``: block
@@ -64,7 +64,8 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
     result saves with a plain config that any Hugging Face loader reads; what that config cannot
     express (BLOOM derives head_dim from hidden/n_head and has no MLP width field) is left
     unpruned, with a warning.  ``loss_chunk`` scores with the calibration loss computed that many
-    tokens of logits at a time (see :func:`fastprune.importance.score`).  Warnings (also discovery's)
+    tokens of logits at a time and ``gradient_checkpointing`` recomputes activations in the backward
+    pass instead of keeping them (see :func:`fastprune.importance.score`).  Warnings (also discovery's)
     are issued and kept in ``report.settings["warnings"]``.
     Returns a :class:`PruneReport` (the plan is in ``report.settings``).
     """
@@ -106,7 +107,8 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, criterion: str =
                         tokens = _calibration(model, calib, tokenizer, n_samples, seq_len, seed + step - 1)
                 with stage(stages, "scoring", device):
                     step_scores = score(model, graph, tokens, criterion=criterion, seed=seed + step - 1,
-                                        progress=progress, loss_chunk=loss_chunk)
+                                        progress=progress, loss_chunk=loss_chunk,
+                                        gradient_checkpointing=gradient_checkpointing)
             target = None
             if ratio is not None and steps == 1:
                 target = ratio
