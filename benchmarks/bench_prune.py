@@ -198,7 +198,8 @@ def run_fastprune(spec: dict) -> dict:
 
 
 def _timed_prune(spec, fastprune, importance, backends, graph_cache, device) -> dict:
-    options = dict(method="llm-pruner", criterion=spec["criterion"], progress=False, loss_chunk=spec.get("loss_chunk"))
+    options = dict(method="llm-pruner", criterion=spec["criterion"], progress=False, loss_chunk=spec.get("loss_chunk"),
+                   gradient_checkpointing=spec.get("gradient_checkpointing", False))
     warm_shape = spec["shape"] if device == "cuda" else "tiny"
     warm = build_model(warm_shape, device, DTYPES[spec["dtype"]], spec["seed"])
     warm_calib = random_calibration(warm.config.vocab_size, spec["n_samples"], spec["seq_len"], spec["seed"])
@@ -447,6 +448,7 @@ def plan_runs(args, device: str) -> list[dict]:
         backends = [b for b in backends if b in args.backends]
     base = dict(device=device, dtype=args.dtype, ratio=args.ratio, criterion=args.criterion,
                 n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, loss_chunk=args.loss_chunk,
+                gradient_checkpointing=args.gradient_checkpointing,
                 dense_in_process=args.dense_in_process, calib=args.calib)
     shapes = args.shapes + ([REAL] if args.real and REAL not in args.shapes else [])
     runs = []
@@ -481,6 +483,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=None, help="wall-clock cap of the whole benchmark")
     parser.add_argument("--loss-chunk", type=int, default=None, metavar="TOKENS",
                         help="score with the chunked loss, this many tokens of logits at a time")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="score with activation checkpointing (prune(gradient_checkpointing=True))")
     parser.add_argument("--dense-in-process", action="store_true",
                         help="also time a dense forward+backward in each fastprune run's own process, before it")
     parser.add_argument("--calib", choices=["random", "wiki"], default="random",
@@ -524,15 +528,19 @@ def main() -> None:
     import fastprune
 
     where = device_name(device)
+    text = "Wikipedia text for smollm2-real, random token ids otherwise" if args.calib == "wiki" else "random token ids"
+    calibration = f"{text}, {args.n_samples} x {args.seq_len}"
     print(f"\ndevice: {where}; dtype {args.dtype}; fastprune {fastprune.__version__}, torch {torch.__version__}; "
-          f"{args.criterion}, ratio {args.ratio}; calibration: random token ids {args.n_samples} x {args.seq_len}; "
+          f"{args.criterion}, ratio {args.ratio}; calibration: {calibration}; loss_chunk {args.loss_chunk}; "
+          f"gradient checkpointing {args.gradient_checkpointing}; "
           f"peak memory: {'max_memory_allocated' if device == 'cuda' else 'process peak RSS so far'}\n")
     print(markdown(records))
     print(f"\ntotal benchmark wall time {time.perf_counter() - start:.0f} s")
     if args.json:
         meta = dict(device=where, device_type=device, dtype=args.dtype, torch=torch.__version__,
                     fastprune=fastprune.__version__, ratio=args.ratio, criterion=args.criterion,
-                    calibration=f"random token ids, {args.n_samples} x {args.seq_len}")
+                    calibration=calibration, loss_chunk=args.loss_chunk,
+                    gradient_checkpointing=args.gradient_checkpointing)
         with open(args.json, "w") as f:
             json.dump({**meta, "results": records}, f, indent=1)
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,6 +156,13 @@ class _Partials:
             return
         taylor_accumulate_(_as_2d(weight), _as_2d(grad), self.rows[name], self.cols[name], rb, cb)
 
+    def add_linear(self, name: str, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+        """The partials of a linear weight from its backward inputs (``fused_linear``; Triton)."""
+        from fastprune.kernels.triton_fused_scoring import linear_taylor_accumulate
+
+        rb, cb = self.blocks[name]
+        linear_taylor_accumulate(grad_out, x, weight.detach(), self.rows[name], self.cols[name], rb, cb)
+
     def along(self, name: str, dim: int) -> torch.Tensor:
         return self.rows[name] if _axis(self.shapes[name], dim) == 0 else self.cols[name]
 
@@ -167,11 +174,12 @@ class _Stream:
         self.params = params
         self.target: _Partials | None = None  # None: let gradients accumulate (not the last micro-batch)
         self.seen: set[str] = set()
+        self.fused: set[str] = set()  # weights whose backward hands its inputs to ``sink`` (they get no gradient)
         self.handles = [p.register_post_accumulate_grad_hook(self._hook(name)) for name, p in params.items()]
 
     def _hook(self, name: str):
         def hook(p: torch.Tensor) -> None:
-            if self.target is None:
+            if self.target is None or name in self.fused:
                 return
             if name in self.seen:
                 raise RuntimeError(f"the gradient of {name} arrived in several parts in one backward pass "
@@ -181,6 +189,17 @@ class _Stream:
             p.grad = None
 
         return hook
+
+    def sink(self, name: str):
+        """Where a fused linear layer's backward sends its inputs (``fused_linear``)."""
+        self.fused.add(name)
+
+        def add(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+            if self.target is None:
+                raise RuntimeError(f"fused_linear: {name}'s gradient cannot accumulate over micro-batches")
+            self.target.add_linear(name, grad_out, x, weight)
+
+        return add
 
     def backward(self, loss: torch.Tensor, target: _Partials | None) -> None:
         self.target, self.seen = target, set()
@@ -206,9 +225,12 @@ def _scored_params(model: torch.nn.Module, graph: PruningGraph) -> dict[str, tor
     return {n: p for n, p in model.named_parameters() if n in wanted}
 
 
-def _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress, loss_chunk=None):
+def _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress, loss_chunk=None,
+                     fused_linear=False):
     """Run the backward passes ``criterion`` needs; return (first-order, second-order) partials."""
     from tqdm.auto import tqdm
+
+    from fastprune.fused_scoring import fusable_linears, fused_linears
 
     if loss_chunk is None:
         loss = lambda ids: _lm_loss(model, ids)  # noqa: E731
@@ -225,9 +247,13 @@ def _taylor_partials(model, params, blocks, calib, criterion, batch_size, progre
     chunks = [calib[i:i + batch] for i in range(0, n, batch)] if first is not None else []
     passes = len(chunks) + (n if second is not None else 0)
     linear = criterion == "vectorwise"
+    if fused_linear and not linear and len(chunks) > 1:
+        raise FastpruneError(f"fused_linear scores {criterion} from one backward pass over the whole calibration "
+                             "batch: use batch_size=None")
     stream = _Stream(params)
+    fused = fused_linears(fusable_linears(model, set(params)), stream.sink) if fused_linear else nullcontext()
     try:
-        with tqdm(total=passes, desc=f"scoring ({criterion})", disable=not progress) as bar:
+        with fused, tqdm(total=passes, desc=f"scoring ({criterion})", disable=not progress) as bar:
             for i, chunk in enumerate(chunks):
                 last = i == len(chunks) - 1
                 stream.backward(loss(chunk) * (chunk.shape[0] / n), first if (last or linear) else None)
@@ -336,15 +362,18 @@ def _checked_params(model: torch.nn.Module, graph: PruningGraph, criterion: str,
 
 def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | None = None,
           criterion: str = "element1", *, batch_size: int | None = None, seed: int = 0,
-          gradient_checkpointing: bool = False, progress: bool = True, loss_chunk: int | None = None) -> Scores:
+          gradient_checkpointing: bool = False, progress: bool = True, loss_chunk: int | None = None,
+          fused_linear: bool = False) -> Scores:
     """Score every element of every group of ``graph`` with ``criterion``.
 
     ``calib`` is an ``(n, seq_len)`` LongTensor of token ids (the loss is the causal LM loss
     with labels = inputs); gradient-free criteria need none.  ``batch_size`` splits the
     first-order backward pass into micro-batches (see the module notes).  ``loss_chunk`` computes
     the loss that many tokens of logits at a time, never all of them (:mod:`fastprune.chunked_loss`;
-    scores then differ from the default by float rounding).  The model's parameters, gradients,
-    ``requires_grad`` flags and train/eval mode are left as they were.
+    scores then differ from the default by float rounding).  ``fused_linear`` (opt-in, Triton, not yet
+    validated on a GPU) scores linear layers inside their backward pass without storing their weight
+    gradients (:mod:`fastprune.fused_scoring`).  The model's parameters, gradients, ``requires_grad``
+    flags and train/eval mode are left as they were.
     """
     params = _checked_params(model, graph, criterion, batch_size)
     settings: dict[str, Any] = {"seed": seed}
@@ -359,10 +388,11 @@ def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | Non
     else:
         calib = _check_calib(calib, model)
         settings.update(n_samples=calib.shape[0], seq_len=calib.shape[1], batch_size=batch_size,
-                        gradient_checkpointing=gradient_checkpointing, loss_chunk=loss_chunk)
+                        gradient_checkpointing=gradient_checkpointing, loss_chunk=loss_chunk,
+                        fused_linear=fused_linear)
         with _scoring_state(model, params, gradient_checkpointing), torch.enable_grad():
             first, second = _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress,
-                                             loss_chunk)
+                                             loss_chunk, fused_linear)
     groups, layer_scores = _reduced_scores(graph, params, criterion, first, second, blocks)
     return Scores(groups, layer_scores, criterion, graph.fingerprint, settings)
 

@@ -65,7 +65,8 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DE
           recon_samples: int | None = _UNSET, recon_seq_len: int | None = _UNSET, ridge: float | None = _UNSET,
           recon_bias: bool | None = _UNSET, sequential: bool | None = _UNSET,
           max_group_ratio: float | None = _UNSET, allocation: str | None = _UNSET,
-          ratio_of: str = "model", loss_chunk: int | None = None) -> PruneReport:
+          ratio_of: str = "model", loss_chunk: int | None = None,
+          gradient_checkpointing: bool = False) -> PruneReport:
     """Prune ``model`` in place so that about ``ratio`` of its parameters are removed.
 
     ``method`` names a recipe (:mod:`fastprune.presets`: ``refit``, the default, or ``llm-pruner``);
@@ -89,8 +90,9 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DE
     (default: the generic mix of :mod:`fastprune.data`; a LongTensor or any calibration source),
     with ridge term ``ridge``, a bias term (``recon_bias``) and optionally ``sequential`` statistics.
 
-    ``loss_chunk`` scores with the calibration loss computed that many tokens of logits at a time
-    (see :func:`fastprune.importance.score`).
+    ``loss_chunk`` scores with the calibration loss computed that many tokens of logits at a time and
+    ``gradient_checkpointing`` recomputes activations in the backward pass instead of keeping them (see
+    :func:`fastprune.importance.score`).
 
     ``ratio_of="prunable"`` counts ``ratio`` over the parameters the scope can remove instead of all
     parameters.  Before anything changes, the report states what the ratio means (the embeddings'
@@ -188,7 +190,8 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DE
                             tokens = _calibration(model, calib, tokenizer, n_samples, seq_len, seed + step - 1)
                     with stage(stages, "scoring", device):
                         step_scores = score(model, graph, tokens, criterion=criterion, seed=seed + step - 1,
-                                            progress=progress, loss_chunk=loss_chunk)
+                                            progress=progress, loss_chunk=loss_chunk,
+                                            gradient_checkpointing=gradient_checkpointing)
                 if adaptive:
                     from fastprune.allocate import sensitivity_scores
                     from fastprune.select import scope_groups
