@@ -217,7 +217,8 @@ def main() -> int:
         check_sdist(sdist)
         check_wheel(wheel, with_ext=True)
         # 4. (meanwhile) pip's default, isolated build: an early error naming the way to build
-        isolated = start([build_python, "-m", "pip", "wheel", "--no-deps", "-w", work / "iso", sdist], env=env)
+        isolated = start([build_python, "-m", "pip", "wheel", "--no-cache-dir", "--no-deps", "-w", work / "iso",
+                          sdist], env=env)
 
         # 2. the wheel and its dependencies into the fresh venv; the CLI end to end from outside the tree
         python = venv_ready.result()
@@ -238,8 +239,8 @@ def main() -> int:
 
         # 3. no compiler: build from the same sdist and run with cmake, c++ and nvcc off PATH
         bare = {**env, "PATH": tool_free_path(work, python)}
-        run([build_python, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", work / "nocc",
-             sdist], env=bare)
+        run([build_python, "-m", "pip", "wheel", "-q", "--no-cache-dir", "--no-build-isolation", "--no-deps",
+             "-w", work / "nocc", sdist], env=bare)
         plain = next((work / "nocc").glob("*.whl"))
         check_wheel(plain, with_ext=False)
         pip_install(python, "--force-reinstall", "--no-deps", plain, env=bare)
