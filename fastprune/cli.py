@@ -626,7 +626,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _install_hint(module: str) -> str:
     top = module.split(".")[0]
-    return install_hint(top) if top in OPTIONAL else f"{module} (pip install {top})"
+    return install_hint(top) if top in OPTIONAL else f"{module} is not installed (pip install {top})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -650,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fastprune: error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
-        print(f"fastprune: error: a package is missing: {_install_hint(exc.name or '')}", file=sys.stderr)
+        print(f"fastprune: error: {_install_hint(exc.name or '')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastprune: interrupted", file=sys.stderr)

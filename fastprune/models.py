@@ -115,8 +115,8 @@ def _is_gguf(name: str) -> bool:
 
 def check_source(name: str) -> None:
     """Raise :class:`FastpruneError` for a model :func:`load_model` (or ``load_pruned``) cannot load, found
-    without loading it: a missing path, a file that is no ``.gguf``, a directory without ``config.json``,
-    or a GGUF model without the gguf package.  A hub id is not looked up."""
+    without loading it: a missing path, a file where a model directory is expected, a directory without
+    ``config.json``, or a GGUF model without the gguf package.  A hub id is not looked up."""
     if name.lower() == "smollm2" or _is_gguf(name):
         path = smollm2_path() if name.lower() == "smollm2" else Path(name).expanduser()
         if not path.is_file():

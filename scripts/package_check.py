@@ -8,9 +8,11 @@
    `from_pretrained` -> `fastprune inspect`; the extension loads and reports the torch it was compiled against.
    No optional extra is installed, so the widths chart is skipped with one line (README "Install").
 3. Without a compiler: a wheel built from the same sdist with a PATH that has no cmake, c++ or nvcc holds no
-   extension; installed over the first, every command still runs (PATH still without them), on the reference
-   kernels, with one warning naming what is missing, and the same plan.
+   extension; installed over the first, with PATH still without them, prune (the same plan as with the
+   extension), inspect, eval and sweep run on the reference kernels, with one warning naming what is missing.
 4. pip's default isolated build stops early with an error that names --no-build-isolation.
+The fresh venv and the tiny model are made while the extension compiles; the work folder is removed in the
+background afterwards (a venv with torch takes about a minute of disk time to delete here).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +71,38 @@ with torch.no_grad():
     assert torch.equal(mine(ids).logits, theirs(ids).logits), "from_pretrained gives other logits"
 report = json.loads((Path(ckpt) / "report.json").read_text())
 assert sum(p.numel() for p in theirs.parameters()) == report["report"]["params_after"]
-print("loaded", ckpt, "with from_pretrained and load_pruned: same logits; backends", backends)
+print("loaded", ckpt, "with from_pretrained and load_pruned: same logits; backends", backends, file=sys.stderr)
+"""
+# the other commands in one process (one import of torch and transformers): inspect, eval, sweep
+COMMANDS = """
+import contextlib, io, json, sys
+from fastprune.cli import main
+ckpt, tiny, out = sys.argv[1:4]
+def command(*argv):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main([*argv, "--json"])
+    assert code == 0, (argv, code)
+    return json.loads(stdout.getvalue())
+info = command("inspect", ckpt)
+assert info["checkpoint"] and len(info["widths"]) == 4, info
+rows = command("eval", "--model", tiny, "--model", ckpt, "--ppl", "austen", "--seq-lens", "64", "--eval-tokens",
+               "256", "--zeroshot", "austen_next_sentence", "--engine", "native", "--limit", "2", "--n-items", "8",
+               "--tasks-dir", out + "/tasks")["rows"]
+assert rows[0]["params"] > rows[1]["params"] and rows[1]["ppl"]["austen@64"] > 1, rows
+sweep = command("sweep", "--model", tiny, "--ratios", "0.2", "--calib", "austen", "--n-samples", "4", "--seq-len",
+                "32", "--eval", "austen", "--eval-tokens", "256", "--eval-seq-len", "64", "--out", out + "/sweep")
+assert [r["ratio"] for r in sweep["rows"]] == [0.0, 0.2], sweep["rows"]
+print("inspect, eval, sweep: ok", file=sys.stderr)
+"""
+INSPECT = """
+import contextlib, io
+from fastprune.cli import main
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    assert main(["inspect", ckpt, "--json"]) == 0
+info = json.loads(out.getvalue())
+assert info["checkpoint"] and len(info["widths"]) == 4, info
 """
 PRUNE_ARGS = ["--ratio", "0.3", "--calib", "austen", "--n-samples", "4", "--seq-len", "32", "--eval", "austen",
               "--eval-tokens", "512", "--eval-seq-len", "64", "--prompt", ""]
@@ -148,16 +182,32 @@ def tool_free_path(work: Path, python: Path) -> str:
     return str(folder)
 
 
+def fresh_venv(build_python: Path, venv: Path, torch_version: str) -> Path:
+    """A new venv with the build venv's base interpreter and the same torch, from pip's local wheel."""
+    base = run([build_python, "-c", "import sys; print(sys._base_executable)"]).stdout.strip()
+    run([base, "-m", "venv", venv])
+    python = venv / "bin" / "python"
+    pip_install(python, f"torch=={torch_version}")
+    return python
+
+
+def warnings_about_extension(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "compiled extension" in line]
+
+
 def main() -> int:
     build_python = Path(sys.executable)
     import torch
 
     torch_version = torch.__version__
     work = Path(tempfile.mkdtemp(prefix="fastprune-package-"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FASTPRUNE_BACKEND", "FASTPRUNE_REQUIRE_EXT")}
+    background = ThreadPoolExecutor(max_workers=1)
     try:
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FASTPRUNE_BACKEND")}
-        env.pop("FASTPRUNE_REQUIRE_EXT", None)
-        tiny = start([build_python, "-c", TINY, work / "tiny"], env=env, cwd=work)  # meanwhile: the tiny model
+        # meanwhile (while the extension compiles): the tiny model, and a fresh venv with torch
+        tiny = start([build_python, "-c", TINY, work / "tiny"], env=env, cwd=work)
+        venv = work / "venv"
+        venv_ready = background.submit(fresh_venv, build_python, venv, torch_version)
         # 1. sdist, then the wheel from it
         dist = work / "dist"
         run([build_python, "-m", "build", "--no-isolation", "--outdir", dist, ROOT],
@@ -167,14 +217,11 @@ def main() -> int:
         check_sdist(sdist)
         check_wheel(wheel, with_ext=True)
         # 4. (meanwhile) pip's default, isolated build: an early error naming the way to build
-        isolated = start([build_python, "-m", "pip", "wheel", "--no-deps", "-w", work / "iso", sdist], env=env)
+        isolated = start([build_python, "-m", "pip", "wheel", "--no-cache-dir", "--no-deps", "-w", work / "iso",
+                          sdist], env=env)
 
-        # 2. a fresh venv: the same torch from the local wheel, then the wheel and its dependencies
-        venv = work / "venv"
-        base = run([build_python, "-c", "import sys; print(sys._base_executable)"]).stdout.strip()
-        run([base, "-m", "venv", venv])
-        python = venv / "bin" / "python"
-        pip_install(python, f"torch=={torch_version}")
+        # 2. the wheel and its dependencies into the fresh venv; the CLI end to end from outside the tree
+        python = venv_ready.result()
         pip_install(python, wheel)
         installed = run([python, "-c", "import torch; print(torch.__version__)"]).stdout.strip()
         assert installed == torch_version, f"the fresh venv got torch {installed}, not {torch_version}"
@@ -184,40 +231,39 @@ def main() -> int:
         cli = venv / "bin" / "fastprune"
         pruned = run([cli, "prune", "--model", work / "tiny", *PRUNE_ARGS, "--out", work / "pruned"],
                      env=fenv, cwd=work)
-        assert "compiled extension" not in pruned.stderr, pruned.stderr
+        assert not warnings_about_extension(pruned.stderr), pruned.stderr
         skipped = [line for line in pruned.stderr.splitlines() if "widths.png skipped" in line]
         assert len(skipped) == 1 and "fastprune[charts]" in skipped[0], pruned.stderr
-        loads = start([python, "-c", LOADS, work / "pruned", ROOT, "1"], env=fenv, cwd=work)
-        inspect = json.loads(run([cli, "inspect", work / "pruned", "--json"], env=fenv, cwd=work).stdout)
-        assert inspect["checkpoint"] and len(inspect["widths"]) == 4, inspect
-        finish(loads)
+        run([python, "-c", LOADS + INSPECT, work / "pruned", ROOT, "1"], env=fenv, cwd=work)
         step("CLI end to end with the extension: prune, save, from_pretrained, inspect")
 
         # 3. no compiler: build from the same sdist and run with cmake, c++ and nvcc off PATH
         bare = {**env, "PATH": tool_free_path(work, python)}
-        run([build_python, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", work / "nocc",
-             sdist], env=bare)
+        run([build_python, "-m", "pip", "wheel", "-q", "--no-cache-dir", "--no-build-isolation", "--no-deps",
+             "-w", work / "nocc", sdist], env=bare)
         plain = next((work / "nocc").glob("*.whl"))
         check_wheel(plain, with_ext=False)
         pip_install(python, "--force-reinstall", "--no-deps", plain, env=bare)
         assert not list(venv.glob("lib/python*/site-packages/fastprune/_native/_C*")), "the extension is still there"
         reference = run([cli, "prune", "--model", work / "tiny", *PRUNE_ARGS, "--out", work / "pruned-ref"],
                         env=bare, cwd=work)
-        warned = [line for line in reference.stderr.splitlines() if "compiled extension" in line]
+        warned = warnings_about_extension(reference.stderr)
         assert len(warned) == 1 and "installed without its compiled extension" in warned[0], reference.stderr
         assert "cmake and a C++ compiler" in warned[0] and "not found on PATH" in warned[0], warned[0]
-        inspect = json.loads(run([cli, "inspect", work / "pruned-ref", "--json"], env=bare, cwd=work).stdout)
-        assert inspect["checkpoint"] and len(inspect["widths"]) == 4, inspect
         plans = [json.loads((work / d / "fastprune_plan.json").read_text())["keep"] for d in ("pruned", "pruned-ref")]
         assert plans[0] == plans[1], "the reference kernels chose another plan than the compiled ones"
-        step(f"no compiler: installed without the extension, runs with one warning, same plan:\n  {warned[0]}")
+        others = run([python, "-c", COMMANDS, work / "pruned-ref", work / "tiny", work], env=bare, cwd=work)
+        assert len(warnings_about_extension(others.stderr)) == 1, others.stderr
+        step(f"no compiler: prune (the same plan), inspect, eval, sweep run with one warning each:\n  {warned[0]}")
 
         iso = finish(isolated, ok=False)
         output = iso.stdout + iso.stderr
         assert iso.returncode != 0 and "--no-build-isolation" in output and "torch" in output, output[-3000:]
         step("an isolated build stopped early and named pip install --no-build-isolation")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        background.shutdown(cancel_futures=True)
+        # removing a venv with torch takes about a minute of disk time here: let it run on after this check
+        subprocess.Popen(["rm", "-rf", str(work)], start_new_session=True)
     step("done")
     return 0
 

@@ -28,7 +28,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def _run(cmd: list, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("FASTPRUNE_") and k != "PYTHONPATH"}
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("FASTPRUNE_") and k not in ("PYTHONPATH", "TRITON_INTERPRET")}
     return subprocess.run([str(c) for c in cmd], cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True)
 
 
@@ -139,7 +140,7 @@ print(json.dumps([str(w.message) for w in caught if "compiled extension" in str(
     result = _run([sys.executable, "-c", code], env={"PATH": _empty_path(tmp_path)})
     assert result.returncode == 0, result.stderr
     backends, messages = result.stdout.splitlines()
-    assert "'cpp'" not in backends and "'reference'" in backends  # triton may serve too (interpreter)
+    assert "'cpp'" not in backends and "'reference'" in backends, backends  # triton may serve too (interpreter)
     (message,) = json.loads(messages)
     assert "installed without its compiled extension" in message
     assert "cmake and a C++ compiler (c++, g++ or clang++, or $CXX) not found on PATH" in message
