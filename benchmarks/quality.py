@@ -58,7 +58,8 @@ ROWS: dict[str, dict | None] = {
     "element1 + refit (generic mix), sensitivity allocation": dict(LLMP, reconstruct=True, allocation="sensitivity"),
     "element1 global, all layers": dict(LLMP, ranking="global", layers=(0, 30), max_group_ratio=0.6),
     "obs global, all layers": dict(LLMP, criterion="obs", ranking="global", layers=(0, 30), max_group_ratio=0.6),
-    "refit (default)": dict(method="refit"),
+    "refit (default)": dict(method="refit"),  # obs + refit (generic mix) since it won every held-out set
+    "refit (default), sensitivity allocation": dict(method="refit", allocation="sensitivity"),
     "refit (default) + LoRA": dict(method="refit"),
     # extra rows
     "mix": dict(LLMP, criterion="mix"),
@@ -295,6 +296,15 @@ def jobs_from_args(args) -> list[dict]:
     return jobs
 
 
+def _same_run(job: dict, finished) -> dict | None:
+    """A finished job of another part with the very same settings (row, ratio, seed, calibration size)."""
+    for r in finished:
+        if ("params" in r and r.get("row") == job["row"] and r.get("ratio") == job["ratio"]
+                and r.get("seed") == job["seed"] and r.get("recon_samples") == job.get("recon_samples")):
+            return r
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", default=DEFAULT_ROWS, choices=list(ROWS))
@@ -335,7 +345,10 @@ def main() -> None:
             for job in jobs_from_args(args):
                 if job["job"] in done:
                     continue
-                if job["row"] == TORCH_PRUNING:
+                same = _same_run(job, done.values())
+                if same is not None:  # e.g. the sweep's 20 % point is the main row: the same run, not re-run
+                    entry = {**same, **job, "same_run_as": same["job"]}
+                elif job["row"] == TORCH_PRUNING:
                     entry = {**job, **run_torch_pruning_row(args)}
                 else:
                     entry = run_fastprune_row(job, args)

@@ -78,9 +78,10 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="hub id, local directory, .gguf file, or 'smollm2' (the embedded default)")
     p.add_argument("--method", choices=METHODS, default="refit",
-                   help="recipe (default refit: LLM-Pruner's scores, then reconstruction; llm-pruner: the "
-                        "faithful LLM-Pruner recipe); the options below override its settings one by one")
-    p.add_argument("--criterion", choices=CRITERIA, default=None, help="importance criterion (method: element1)")
+                   help="recipe (default refit: OBS scores and reconstruction from generic text; llm-pruner: "
+                        "the faithful LLM-Pruner recipe); the options below override its settings one by one")
+    p.add_argument("--criterion", choices=CRITERIA, default=None,
+                   help="importance criterion (refit: obs; llm-pruner: element1)")
     p.add_argument("--scope", choices=("block", "channel", "layer"), default=None, help="(method: block)")
     p.add_argument("--ranking", choices=("local", "global"), default=None, help="(method: local)")
     p.add_argument("--aggregation", choices=("sum", "mean", "max", "prod", "first"), default=None)

@@ -4,9 +4,11 @@
   tokens, block scope over LLM-Pruner's layer range (4..30 of 32, scaled), local ranking, no
   reconstruction.  Its plans on SmolLM2 are pinned by ``tests/golden/llm_pruner_plans.json``.
 - ``refit``: retraining-free pruning with reconstruction (benchmarks/RESULTS.md says how it was
-  chosen and what it beat): the same scores and allocation as LLM-Pruner, then the consumers of the
-  pruned channels refitted by ridge least squares, with a bias term, on 128 x 128 tokens of generic
-  text of three kinds (Wikipedia, Alpaca-style instructions, a novel).
+  chosen and what it beat): LLM-Pruner's allocation (one ratio per group over its layer range), each
+  element scored by ``obs`` (the output error its removal leaves after the optimal refit of the
+  others), then the consumers of the pruned channels refitted by ridge least squares, with a bias
+  term.  Scores and refit come from the same 128 x 128 tokens of generic text of three kinds
+  (Wikipedia, Alpaca-style instructions, a novel); no gradients.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llm-pruner": dict(criterion="element1", scope="block", ranking="local", aggregation="sum", layers=None,
                        n_samples=10, seq_len=64, calib="wiki", reconstruct=False, max_group_ratio=None,
                        allocation="fixed"),
-    "refit": dict(criterion="element1", scope="block", ranking="local", aggregation="sum", layers=None,
+    "refit": dict(criterion="obs", scope="block", ranking="local", aggregation="sum", layers=None,
                   n_samples=10, seq_len=64, calib="wiki", reconstruct=True, max_group_ratio=None,
                   allocation="fixed"),
 }

@@ -133,8 +133,13 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DE
     do_reconstruct = bool(opts["reconstruct"])
     if do_reconstruct and scope != "block":
         raise FastpruneError(f"reconstruction refits the consumers of pruned heads and MLP channels (block scope); "
-                             f"scope={scope!r} has none: pass reconstruct=False")
-    activation = criterion in ACTIVATION_CRITERIA
+                             f"scope={scope!r} has none: pass method='llm-pruner' (or reconstruct=False and "
+                             "a gradient criterion)")
+    activation = criterion in ACTIVATION_CRITERIA and scores is None and plan is None  # scores to compute
+    if activation and scope != "block":
+        raise FastpruneError(f"criterion={criterion!r} scores attention heads and MLP channels (block scope); for "
+                             f"scope={scope!r} pass a gradient criterion (e.g. criterion='element1') or "
+                             "method='llm-pruner'")
     if (do_reconstruct or activation) and not isinstance(opts["recon_calib"], torch.Tensor) and tokenizer is None:
         raise FastpruneError("reconstruction and activation criteria need calibration text: pass tokenizer=... "
                              "or recon_calib=<LongTensor of token ids>")

@@ -95,7 +95,8 @@ def test_quality_table_rows(tmp_path):
     """benchmarks/quality.py on the real SmolLM2 with tiny budgets: every job is recorded, tabled and resumable."""
     rows = ["dense", "element1 + LoRA", "Torch-Pruning 1.6.1 (Taylor)"]
     args = [BENCH / "quality.py", "--rows", *rows, "--eval-tokens", "2048", "--zeroshot-items", "2",
-            "--lora-steps", "2", "--tp-timeout", "5", "--recon-sizes", "8", "--out", tmp_path]
+            "--lora-steps", "2", "--tp-timeout", "5", "--recon-sizes", "8", "--seeds", "0", "--seed-rows",
+            "element1 + LoRA", "--out", tmp_path]
     _run(args, timeout=900)
     lines = [json.loads(x) for x in (tmp_path / "quality.jsonl").read_text().splitlines()]
     assert lines[0]["meta"]["zeroshot_items"] == 2
@@ -111,6 +112,8 @@ def test_quality_table_rows(tmp_path):
     refit = next(r for r in lines[1:] if r["part"] == "recon_size")
     assert refit["recon_samples"] == 8 and refit["settings"]["reconstruction"]["n_samples"] == 8
     assert refit["forward_over_recon_tokens"]["seconds"] > 0 and "reconstruction" in refit["stages"]
+    seeded = next(r for r in lines[1:] if r["part"] == "seeds")  # the same settings as a main row: not run again
+    assert seeded["same_run_as"] == pruned["job"] and seeded["wiki@128"] == pruned["wiki@128"]
     table = (tmp_path / "quality.md").read_text()
     assert all(row in table for row in rows) and "Reconstruction calibration size" in table
     _run(args, timeout=300)  # resumed: nothing runs again
