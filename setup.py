@@ -60,8 +60,9 @@ class CMakeBuild(build_ext):
         ninja = shutil.which("ninja")
         if ninja and not (build_dir / "CMakeCache.txt").exists():
             configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-        if "FASTPRUNE_CUDA" in os.environ:
-            configure.append(f"-DFASTPRUNE_CUDA={os.environ['FASTPRUNE_CUDA']}")
+        for option in ("FASTPRUNE_CUDA", "FASTPRUNE_CUDA_ARCHS"):  # CMake cache options, from the environment
+            if option in os.environ:
+                configure.append(f"-D{option}={os.environ[option]}")
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.run(configure, check=True)
         subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
