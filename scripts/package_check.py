@@ -93,7 +93,14 @@ assert rows[0]["params"] > rows[1]["params"] and rows[1]["ppl"]["austen@64"] > 1
 sweep = command("sweep", "--model", tiny, "--ratios", "0.2", "--calib", "austen", "--n-samples", "4", "--seq-len",
                 "32", "--eval", "austen", "--eval-tokens", "256", "--eval-seq-len", "64", "--out", out + "/sweep")
 assert [r["ratio"] for r in sweep["rows"]] == [0.0, 0.2], sweep["rows"]
-print("inspect, eval, sweep: ok", file=sys.stderr)
+with contextlib.redirect_stdout(io.StringIO()):
+    assert main(["bench", "--inference", "--model", tiny, "--checkpoint", ckpt, "--prompt-len", "8", "--new-tokens",
+                 "2", "--repeat", "1", "--attn", "sdpa", "--compile-backend", "none", "--out", out + "/bench"]) == 0
+    assert main(["tune", "--model", ckpt, "--output", out + "/tune", "--max-steps", "1", "--batch-size", "2",
+                 "--micro-batch-size", "2", "--seq-len", "32", "--warmup-steps", "0", "--val", ""]) == 0
+import os
+assert os.path.exists(out + "/tune/merged/config.json"), os.listdir(out + "/tune")
+print("inspect, eval, sweep, bench, tune: ok", file=sys.stderr)
 """
 INSPECT = """
 import contextlib, io
@@ -254,7 +261,8 @@ def main() -> int:
         assert plans[0] == plans[1], "the reference kernels chose another plan than the compiled ones"
         others = run([python, "-c", COMMANDS, work / "pruned-ref", work / "tiny", work], env=bare, cwd=work)
         assert len(warnings_about_extension(others.stderr)) == 1, others.stderr
-        step(f"no compiler: prune (the same plan), inspect, eval, sweep run with one warning each:\n  {warned[0]}")
+        step("no compiler: prune (the same plan), inspect, eval, sweep, bench, tune run with one warning each:\n  "
+             + warned[0])
 
         iso = finish(isolated, ok=False)
         output = iso.stdout + iso.stderr
