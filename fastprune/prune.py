@@ -13,11 +13,12 @@ import torch
 
 from fastprune import presets
 from fastprune.activation_scores import ACTIVATION_CRITERIA
-from fastprune.apply import apply, kept_indices, layer_widths, update_config
+from fastprune.apply import apply, layer_widths, update_config
 from fastprune.discover import discover
 from fastprune.errors import FastpruneError
 from fastprune.graph import PruningGraph
 from fastprune.plan import Plan
+from fastprune.plan_ops import kept_indices, predicted_params
 from fastprune.presets import ALLOCATIONS, DEFAULT_METHOD
 from fastprune.ratio import RATIO_OF, cut_warning, ratio_meaning
 from fastprune.reconstruct import attach_biases
@@ -246,7 +247,6 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DE
             _note(notes, graph.warnings)
     last = plans[-1]
     if dry_run:
-        from fastprune.select import predicted_params
         params_after = predicted_params(graph, last)
     else:
         params_after = sum(p.numel() for p in model.parameters())

@@ -44,6 +44,7 @@ from fastprune.errors import FastpruneError
 from fastprune.graph import PruningGraph
 from fastprune.layerwise import propagate, record_layer_calls
 from fastprune.plan import Plan
+from fastprune.plan_ops import validate
 
 DEFAULT_RIDGE = 1e-2
 MIN_RIDGE = 1e-6  # the kept columns' moment matrix can be singular (a dead channel); the ridge keeps it definite
@@ -247,8 +248,6 @@ def reconstruct(model: torch.nn.Module, graph: PruningGraph, plan: Plan, calib: 
     columns are left for :func:`fastprune.apply` to drop.  New biases are returned in the report
     and attached by :func:`attach_biases` after compaction.  Validates the plan first.
     """
-    from fastprune.apply import validate
-
     validate(plan, graph)
     if not ridge >= MIN_RIDGE:
         raise FastpruneError(f"ridge must be at least {MIN_RIDGE} (relative to the mean input energy), got {ridge}")
