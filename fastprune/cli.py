@@ -18,13 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from fastprune import backends
+from fastprune.activation_scores import ACTIVATION_CRITERIA
 from fastprune.cli_checks import check_args
 from fastprune.errors import FastpruneError
+from fastprune.importance import AGGREGATIONS
+from fastprune.importance import CRITERIA as SCORE_CRITERIA
 from fastprune.optional import OPTIONAL, install_hint, optional_output
+from fastprune.presets import PRESETS
+from fastprune.ratio import RATIO_OF
 from fastprune.report import json_safe
+from fastprune.select import RANKINGS, SCOPES
+from fastprune.zeroshot import ENGINES
 
-CRITERIA = ("element1", "element2", "mix", "vectorwise", "l1", "l2", "random", "fluctuation", "obs")
-METHODS = ("refit", "llm-pruner")  # fastprune.presets.PRESETS (not imported here: the CLI starts fast)
+CRITERIA = SCORE_CRITERIA + ACTIVATION_CRITERIA
+DTYPES = ("float32", "bfloat16", "float16")
 BENCH_SCRIPTS = {"kernels": "bench_kernels.py", "prune": "bench_prune.py", "quality": "quality.py"}
 USER_ERRORS = (FastpruneError, FileNotFoundError, NotADirectoryError, ValueError)
 
@@ -68,7 +75,7 @@ def _positive_int(text: str) -> int:
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--json", action="store_true", help="print machine-readable results (JSON) only")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="weight dtype (default: float32 on CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return p
@@ -77,13 +84,13 @@ def _common() -> argparse.ArgumentParser:
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="hub id, local directory, .gguf file, or 'smollm2' (the embedded default)")
-    p.add_argument("--method", choices=METHODS, default="refit",
+    p.add_argument("--method", choices=tuple(PRESETS), default="refit",
                    help="recipe (default refit: LLM-Pruner's scores, then reconstruction; llm-pruner: the "
                         "faithful LLM-Pruner recipe); the options below override its settings one by one")
     p.add_argument("--criterion", choices=CRITERIA, default=None, help="importance criterion (method: element1)")
-    p.add_argument("--scope", choices=("block", "channel", "layer"), default=None, help="(method: block)")
-    p.add_argument("--ranking", choices=("local", "global"), default=None, help="(method: local)")
-    p.add_argument("--aggregation", choices=("sum", "mean", "max", "prod", "first"), default=None)
+    p.add_argument("--scope", choices=SCOPES, default=None, help="(method: block)")
+    p.add_argument("--ranking", choices=RANKINGS, default=None, help="(method: local)")
+    p.add_argument("--aggregation", choices=AGGREGATIONS, default=None)
     p.add_argument("--layers", type=int, nargs=2, metavar=("START", "END"),
                    help="block-wise layer range [START, END) (default: LLM-Pruner's 4..30 of 32, scaled)")
     p.add_argument("--round-to", type=_positive_int, default=1, help="keep channel counts multiples of this")
@@ -115,7 +122,7 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     _add_selection_args(p)
     p.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of all parameters to remove")
-    p.add_argument("--ratio-of", choices=("model", "prunable"), default="model",
+    p.add_argument("--ratio-of", choices=RATIO_OF, default="model",
                    help="count --ratio over all parameters (default) or over those the scope can remove")
     p.add_argument("--steps", type=_positive_int, default=1, help="iterative pruning in this many steps")
     p.add_argument("--scores", help="reuse importance scores saved with --save-scores (skips calibration)")
@@ -148,7 +155,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zeroshot", default="offline",
                    help="offline, standard, all, or comma-separated task names ('' to skip)")
     p.add_argument("--limit", type=_positive_int, help="score only the first N items of each zero-shot task")
-    p.add_argument("--engine", choices=("auto", "lm-eval", "native"), default="auto",
+    p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="zero-shot scorer: lm-eval's HFLM or the built-in one (same scoring)")
     p.add_argument("--n-items", type=_positive_int, default=500, help="items generated per offline task")
     p.add_argument("--tasks-dir", help="where offline task jsonl + lm-eval YAMLs are written (default: cache)")
@@ -367,7 +374,7 @@ def _score(model, tokenizer, args):
     from fastprune.importance import GRADIENT_FREE, score
 
     graph = discover(model)
-    if args.criterion in ("fluctuation", "obs"):
+    if args.criterion in ACTIVATION_CRITERIA:
         from fastprune.activation_scores import activation_scores
 
         if tokenizer is None:

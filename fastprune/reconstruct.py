@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastprune.errors import FastpruneError
-from fastprune.graph import PruningGraph
+from fastprune.graph import LAYER_KINDS, PruningGraph
 from fastprune.layerwise import propagate, record_layer_calls
 from fastprune.plan import Plan
 from fastprune.plan_ops import validate
@@ -101,7 +101,7 @@ def find_consumers(model: torch.nn.Module, graph: PruningGraph, plan: Plan) -> t
     skipped: list[str] = []
     for group in graph.groups:
         kept = plan.keep.get(group.name)
-        if group.kind not in ("heads", "channels") or kept is None or len(kept) == group.size:
+        if group.kind not in LAYER_KINDS or kept is None or len(kept) == group.size:
             continue
         if group.layer in plan.remove_layers:
             continue
@@ -227,7 +227,7 @@ def bias_overhead(model: torch.nn.Module, graph: PruningGraph) -> int:
     modules = dict(model.named_modules())
     wanted = []
     for g in graph.groups:
-        if g.kind in ("heads", "channels"):
+        if g.kind in LAYER_KINDS:
             for sl in g.slices:
                 owner = sl.param.rpartition(".")[0]
                 mod = modules.get(owner)

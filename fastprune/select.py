@@ -47,7 +47,7 @@ import math
 import torch
 
 from fastprune.errors import FastpruneError
-from fastprune.graph import Group, PruningGraph
+from fastprune.graph import LAYER_KINDS, Group, PruningGraph
 from fastprune.importance import Scores, aggregate
 from fastprune.plan import Plan
 from fastprune.plan_ops import predicted_params
@@ -133,7 +133,7 @@ def scope_groups(graph: PruningGraph, scope: str, layers=None,
     if scope == "block":
         default = (0, graph.num_layers) if uniform else default_layers(graph.num_layers)
         span = _layer_range(graph, layers, default=default)
-        return [g for g in graph.groups if g.kind in ("heads", "channels")
+        return [g for g in graph.groups if g.kind in LAYER_KINDS
                 and (g.layer is None or span[0] <= g.layer < span[1])], span
     return graph.groups_of("hidden"), None
 
