@@ -28,6 +28,7 @@ from fastprune.presets import PRESETS
 from fastprune.ratio import RATIO_OF
 from fastprune.report import json_safe
 from fastprune.select import RANKINGS, SCOPES
+from fastprune.tables import WIDTH_COLUMNS, format_eval_table, markdown_table, width_cells
 from fastprune.zeroshot import ENGINES
 
 CRITERIA = SCORE_CRITERIA + ACTIVATION_CRITERIA
@@ -219,27 +220,11 @@ def _device(args: argparse.Namespace) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def is_checkpoint(path: str | Path) -> bool:
-    """A directory written by ``save_pruned`` (it holds a plan, a report or a fastprune config entry)."""
-    from fastprune.io import PLAN_FILE, REPORT_FILE
-
-    root = Path(path).expanduser()
-    config = root / "config.json"
-    if not config.is_file():
-        return False
-    if (root / PLAN_FILE).is_file() or (root / REPORT_FILE).is_file():
-        return True
-    try:
-        return "fastprune" in json.loads(config.read_text())
-    except ValueError:
-        return False
-
-
 def load(name: str, args: argparse.Namespace, attn: str | None = None):
     """``(model, tokenizer)`` from a fastprune checkpoint or anything ``load_model`` takes."""
     import torch
 
-    from fastprune.io import load_pruned
+    from fastprune.io import is_checkpoint, load_pruned
     from fastprune.models import load_model
 
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
@@ -281,12 +266,6 @@ def _run_dir(kind: str, explicit: str | None) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def write_prune_report(directory: str | Path, report: Any, result: dict[str, Any]) -> dict[str, Path]:
     """Write ``report.json`` (everything), ``report.md`` (a short summary) and ``widths.png`` to ``directory``
     (the chart needs matplotlib: without it, it is skipped with one line on stderr)."""
@@ -315,7 +294,7 @@ def write_prune_report(directory: str | Path, report: Any, result: dict[str, Any
              f"criterion {s.get('criterion')}, scope {s.get('scope')}, ranking {s.get('ranking')}, "
              f"aggregation {s.get('aggregation')}, {s.get('steps')} step(s), calibration "
              f"{result.get('calib', '')} {s.get('n_samples')} x {s.get('seq_len')} tokens.", "",
-             _md_table(("", "before", "after"), rows), "",
+             markdown_table(("", "before", "after"), rows), "",
              *(["![kept heads and MLP channels per layer](widths.png)", ""] if chart is not None else []),
              "```", report.summary(), "```", ""]
     if result.get("sample") is not None:
@@ -464,9 +443,9 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
                      **_perplexities(pruned, tokenizer, sets, [args.eval_seq_len], args.eval_tokens, False)})
         del pruned
     keys = [k for k in rows[0] if "@" in k]
-    table = _md_table(("ratio", "parameters", "removed", *(f"ppl {k}" for k in keys)),
-                      [(f"{r['ratio']:.0%}", f"{r['params']:,}", f"{r['ratio_achieved']:.2%}",
-                        *(f"{r[k]:.2f}" for k in keys)) for r in rows])
+    table = markdown_table(("ratio", "parameters", "removed", *(f"ppl {k}" for k in keys)),
+                           [(f"{r['ratio']:.0%}", f"{r['params']:,}", f"{r['ratio_achieved']:.2%}",
+                             *(f"{r[k]:.2f}" for k in keys)) for r in rows])
     out = _run_dir("sweep", args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("model", "criterion", "scope", "ranking", "aggregation", "calib",
@@ -485,22 +464,6 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
     say(table)
     say(f"written to {out}/ ({', '.join(Path(f).name for f in result['files'].values())})")
     return result
-
-
-def format_eval_table(rows: Sequence[dict[str, Any]]) -> str:
-    """LLM-Pruner's results layout: model, parameters, perplexities, accuracy per task (%), mean."""
-    ppl_keys = list(dict.fromkeys(k for r in rows for k in r["ppl"]))
-    tasks = list(dict.fromkeys(t for r in rows for t in r["zeroshot"]))
-    header = ["model", "params", *ppl_keys, *tasks] + (["mean"] if tasks else [])
-    body = []
-    for r in rows:
-        cells = [r["model"], f"{r['params'] / 1e6:.1f} M" if r["params"] >= 1e6 else f"{r['params'] / 1e3:.1f} K"]
-        cells += [f"{r['ppl'][k]:.2f}" if k in r["ppl"] else "-" for k in ppl_keys]
-        cells += [f"{100 * r['zeroshot'][t]['score']:.2f}" if t in r["zeroshot"] else "-" for t in tasks]
-        if tasks:
-            cells.append("-" if r.get("mean") is None else f"{100 * r['mean']:.2f}")
-        body.append(cells)
-    return _md_table(header, body)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
@@ -535,7 +498,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 def cmd_inspect(args: argparse.Namespace) -> dict:
     from fastprune.apply import layer_widths
     from fastprune.discover import discover
-    from fastprune.io import read_plans
+    from fastprune.io import is_checkpoint, read_plans
 
     say = _say(args)
     model, _ = load(args.model, args)
@@ -554,9 +517,8 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
              f"hidden size {result['hidden_size']}"]
     for settings in result.get("plans", []):
         lines.append("pruned with " + ", ".join(f"{k} {v}" for k, v in settings.items() if not isinstance(v, dict)))
-    lines.append(_md_table(("layer", "query heads", "kv heads", "MLP channels"),
-                           [(k, w.get("heads", "-"), w.get("kv_heads", "-"), w.get("intermediate", "-"))
-                            for k, w in result["widths"].items()]))
+    lines.append(markdown_table(("layer", *WIDTH_COLUMNS.values()),
+                                [(k, *width_cells(w)) for k, w in result["widths"].items()]))
     say("\n".join(lines))
     return result
 

@@ -160,7 +160,7 @@ def check_model(name: str, option: str) -> None:
 
 def _check_tokenizer(name: str, needs: str) -> None:
     """A fastprune checkpoint saved without a tokenizer cannot feed text to the model."""
-    from fastprune.cli import is_checkpoint
+    from fastprune.io import is_checkpoint
 
     if is_checkpoint(name) and not (Path(name).expanduser() / "tokenizer_config.json").is_file():
         raise FastpruneError(f"{name} was saved without a tokenizer, and {needs} need one "

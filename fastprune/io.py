@@ -42,6 +42,7 @@ from fastprune.plan import Plan
 from fastprune.remote import modeling_fastprune as remote
 from fastprune.report import PruneReport, json_safe
 from fastprune.staging import make_sibling, release_sibling, remove_stale_siblings
+from fastprune.tables import WIDTH_COLUMNS, markdown_table, width_cells
 
 PLAN_FILE = "fastprune_plan.json"
 REPORT_FILE = "fastprune_report.json"
@@ -123,6 +124,20 @@ def _remove_litter(target: Path) -> None:
         names = ", ".join(f"{p.name} ({size / 2**20:.0f} MB)" for p, size in removed.items())
         warnings.warn(f"removed {len(removed)} temporary folder(s) that an interrupted save to {target} left "
                       f"behind: {names}", stacklevel=3)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """A directory written by ``save_pruned`` (it holds a plan, a report or a fastprune config entry)."""
+    root = Path(path).expanduser()
+    config = root / "config.json"
+    if not config.is_file():
+        return False
+    if (root / PLAN_FILE).is_file() or (root / REPORT_FILE).is_file():
+        return True
+    try:
+        return "fastprune" in json.loads(config.read_text())
+    except ValueError:
+        return False
 
 
 def read_plans(directory: str | os.PathLike) -> list[Plan]:
@@ -348,17 +363,16 @@ def _swap_into_place(new: Path, target: Path) -> None:
 
 
 def _layer_rows(model: torch.nn.Module, report: PruneReport | None) -> list[tuple[str, Any, Any, Any]]:
-    keys = ("heads", "kv_heads", "intermediate")
     if report is not None and report.widths_after:
         rows = []
         for layer in sorted(report.widths_before, key=int):
             w = report.widths_after.get(layer)
-            rows.append((str(layer), *(w.get(k, "-") for k in keys)) if w else (str(layer), "removed", "", ""))
+            rows.append((str(layer), *width_cells(w)) if w else (str(layer), "removed", "", ""))
         return rows
     config = model.config
     per_layer = getattr(config, remote.RECORD_KEY, None)
     if per_layer:
-        return [(str(i), *(per_layer[i].get(k, "-") for k in keys)) for i in sorted(per_layer, key=int)]
+        return [(str(i), *width_cells(per_layer[i])) for i in sorted(per_layer, key=int)]
     uniform = (getattr(config, "num_attention_heads", "-"), getattr(config, "num_key_value_heads", "-"),
                getattr(config, "intermediate_size", "-"))
     return [(str(i), *uniform) for i in range(getattr(config, "num_hidden_layers", 0))]
@@ -383,30 +397,30 @@ def _model_card(model: torch.nn.Module, report: PruneReport | None, plans: list[
     lines = [*front, "---", "", f"# {name}", "",
              f"`{base}` structurally pruned with fastprune (the LLM-Pruner method): "
              "whole attention head groups, MLP channels, hidden channels or layers were removed, so the "
-             "model is smaller and faster with no sparse kernels.", "", "## Pruning", "",
-             "| | value |", "|---|---|", f"| base model | `{base}` |"]
+             "model is smaller and faster with no sparse kernels.", "", "## Pruning", ""]
+    pruning: list[tuple[str, str]] = [("base model", f"`{base}`")]
     params_after = sum(p.numel() for p in model.parameters())
     if report is not None:
         target = f" (target {report.ratio_target:.2%})" if math.isfinite(report.ratio_target) else ""
-        lines += [f"| parameters | {report.params_before:,} -> {params_after:,} |",
-                  f"| ratio | {report.ratio_achieved:.2%} removed{target} |",
-                  f"| layers | {report.layers_before} -> {report.layers_after} |"]
+        pruning += [("parameters", f"{report.params_before:,} -> {params_after:,}"),
+                    ("ratio", f"{report.ratio_achieved:.2%} removed{target}"),
+                    ("layers", f"{report.layers_before} -> {report.layers_after}")]
         if report.hidden_before is not None:
-            lines.append(f"| hidden size | {report.hidden_before} -> {report.hidden_after} |")
+            pruning.append(("hidden size", f"{report.hidden_before} -> {report.hidden_after}"))
     else:
-        lines.append(f"| parameters | {params_after:,} |")
+        pruning.append(("parameters", f"{params_after:,}"))
     for key in ("criterion", "scope", "ranking", "aggregation", "steps", "round_to"):
         if settings.get(key) is not None:
-            lines.append(f"| {key.replace('_', ' ')} | {_fmt(settings[key])} |")
+            pruning.append((key.replace("_", " "), _fmt(settings[key])))
     calib = [f"{k.replace('_', ' ')} {_fmt(settings[k])}" for k in ("calib", "n_samples", "seq_len", "seed")
              if settings.get(k) is not None]
     if calib:
-        lines.append(f"| calibration | {', '.join(calib)} |")
-    lines += ["", "## Per-layer widths", "", "| layer | query heads | kv heads | MLP channels |", "|---|---|---|---|"]
-    lines += [f"| {' | '.join(str(c) for c in row)} |" for row in _layer_rows(model, report)]
+        pruning.append(("calibration", ", ".join(calib)))
+    lines += [markdown_table(("", "value"), pruning), "", "## Per-layer widths", "",
+              markdown_table(("layer", *WIDTH_COLUMNS.values()), _layer_rows(model, report))]
     if evaluation:
-        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in evaluation.items()]
+        lines += ["", "## Evaluation", "",
+                  markdown_table(("metric", "value"), [(k, _fmt(v)) for k, v in evaluation.items()])]
     lines += ["", "## How to load", "", "```python"]
     if vanilla:
         lines += ["# every layer has the same widths: plain transformers loads it",
