@@ -185,11 +185,54 @@ def _add_tune(sub: Any, argv: Sequence[str]) -> None:
     if list(argv[:1]) != ["tune"]:
         return  # import the recovery module (peft) only when it is asked for
     try:
-        from fastprune.recovery import add_tune_arguments
+        add_tune_arguments(p)
     except ImportError as exc:
         p.set_defaults(tune_unavailable=f"{exc}")
-        return
-    add_tune_arguments(p)
+
+
+def add_tune_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``fastprune tune`` (see :func:`fastprune.recovery.recover` for their meaning)."""
+    from fastprune.recovery import PROMPT_FORMATS, SAMPLE_DATA
+
+    p.add_argument("--model", required=True,
+                   help="a checkpoint written by fastprune prune/save_pruned, a hub id, or 'smollm2'")
+    p.add_argument("--merge-only", metavar="ADAPTER", default=None,
+                   help="no training: merge this saved adapter (OUTPUT/adapter of a --no-merge or FSDP run) into "
+                        "--model in one process and write the merged model to --output")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="with --merge-only: load, merge and save in this dtype (default: as stored)")
+    p.add_argument("--data", nargs="+", default=[str(SAMPLE_DATA)],
+                   help="Alpaca .json/.jsonl, wiki, austen, a .txt file or a hub dataset (several are concatenated)")
+    p.add_argument("--output", required=True, help="directory for checkpoints, the adapter and the merged model")
+    p.add_argument("--no-merge", dest="merge", action="store_false", default=None,
+                   help="save the adapter, merge nothing (the default under FSDP: sharded weights cannot be merged)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard with FSDP under torchrun (GPUs only; accelerate launch --use_fsdp needs no flag)")
+    p.add_argument("--fsdp-config", default=None, metavar="JSON",
+                   help="FSDP settings for TrainingArguments.fsdp_config, a JSON file (implies --fsdp)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto")
+    p.add_argument("--response-only", action="store_true", help="loss on the response tokens only")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--target-modules", default=None,
+                   help="comma-separated module names (default: every linear layer in the decoder layers)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch per optimizer step")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass and process")
+    p.add_argument("--seq-len", type=int, default=256, help="examples are cut at this many tokens")
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--val", default="wiki", help="held-out perplexity source ('' to skip)")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 mixed precision (default: on a GPU that supports it)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -220,14 +263,19 @@ def _device(args: argparse.Namespace) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load(name: str, args: argparse.Namespace, attn: str | None = None):
-    """``(model, tokenizer)`` from a fastprune checkpoint or anything ``load_model`` takes."""
+def _dtype(args: argparse.Namespace):
+    """The torch dtype ``--dtype`` names, or None."""
     import torch
 
+    return getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+
+
+def load(name: str, args: argparse.Namespace, attn: str | None = None):
+    """``(model, tokenizer)`` from a fastprune checkpoint or anything ``load_model`` takes."""
     from fastprune.io import is_checkpoint, load_pruned
     from fastprune.models import load_model
 
-    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    dtype = _dtype(args)
     device = _device(args)
     if is_checkpoint(name):
         model, tokenizer = load_pruned(Path(name).expanduser(), dtype=dtype, device=device)
@@ -579,11 +627,33 @@ def cmd_tune(args: argparse.Namespace) -> dict:
     if reason is not None:
         raise FastpruneError(f"'fastprune tune' is not available in this installation (LoRA recovery lives in "
                              f"fastprune.recovery: {reason})")
+    return run_tune(args)
+
+
+def run_tune(args: argparse.Namespace) -> dict:
+    """``fastprune tune``: load ``--model``, recover, save to ``--output``; returns the run's summary.
+
+    With ``--merge-only ADAPTER`` it only merges a saved adapter into ``--model``
+    (:func:`fastprune.recovery.merge_adapter`).
+    """
     try:
-        from fastprune.recovery import run_tune
+        from fastprune.recovery import RecoveryConfig, merge_adapter, recover_from
     except ImportError as exc:
         raise FastpruneError(f"'fastprune tune' is not available: {exc}") from exc
-    return run_tune(args)
+    if args.merge_only is not None:  # no training: merge a saved adapter into --model in one process
+        merged = merge_adapter(args.model, args.merge_only, args.output, dtype=_dtype(args))
+        return {"model": str(args.model), "adapter_dir": str(Path(args.merge_only).expanduser().absolute()),
+                "merged_dir": str(merged), "merged": True}
+    targets = [t for t in args.target_modules.split(",") if t] if args.target_modules else None
+    config = RecoveryConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets, lr=args.lr,
+                            epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                            micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
+                            prompt_format=args.prompt_format, train_on_inputs=not args.response_only,
+                            warmup_steps=args.warmup_steps, val_source=args.val or None, eval_every=args.eval_every,
+                            output_dir=args.output, save_every=args.save_every, resume=args.resume, seed=args.seed,
+                            bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, merge=args.merge,
+                            fsdp=bool(args.fsdp or args.fsdp_config) or None, fsdp_config=args.fsdp_config)
+    return recover_from(args.model, list(args.data), config, progress=not args.quiet).to_dict()
 
 
 # ---------------------------------------------------------------------------------------------- main

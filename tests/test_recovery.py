@@ -15,18 +15,17 @@ from tokenizers import models as tok_models
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 import fastprune
+from fastprune.cli import add_tune_arguments, run_tune
 from fastprune.errors import FastpruneError
 from fastprune.io import load_pruned, save_pruned
 from fastprune.recovery import (
     IGNORE_INDEX,
     SAMPLE_DATA,
-    add_tune_arguments,
     alpaca_example,
     alpaca_prompt,
     build_examples,
     default_target_modules,
     recover,
-    run_tune,
 )
 
 TESTS = Path(__file__).parent
