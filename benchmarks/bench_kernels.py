@@ -19,6 +19,7 @@ import time
 import torch
 
 from fastprune import backends, ops
+from fastprune.tables import markdown_table
 
 LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (14336, 4096), (128256, 4096)]
 SMOLLM2_SHAPES = [(576, 1536), (1536, 576), (49152, 576)]
@@ -100,11 +101,10 @@ def main() -> None:
 
     where = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; copy bandwidth {copy_bw / 1e9:.1f} GB/s (clone)\n")
-    print("| op | shape | dtype | backend | ms | GB/s | of copy BW | vs reference |")
-    print("|---|---|---|---|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['op']} | {r['shape'][0]}x{r['shape'][1]} | {r['dtype']} | {r['backend']} | {r['ms']:.3f} "
-              f"| {r['gb_s']:.1f} | {r['copy_fraction']:.0%} | {r['speedup']:.2f}x |")
+    print(markdown_table(("op", "shape", "dtype", "backend", "ms", "GB/s", "of copy BW", "vs reference"),
+                         [(r["op"], f"{r['shape'][0]}x{r['shape'][1]}", r["dtype"], r["backend"], f"{r['ms']:.3f}",
+                           f"{r['gb_s']:.1f}", f"{r['copy_fraction']:.0%}", f"{r['speedup']:.2f}x") for r in results],
+                         align="llllrrrr"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": where, "copy_gb_s": copy_bw / 1e9, "results": results}, f, indent=1)

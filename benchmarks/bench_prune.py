@@ -414,6 +414,8 @@ def _ratio(x, fmt="{:.2f}x") -> str:
 
 
 def markdown(records: list[dict]) -> str:
+    from fastprune.tables import markdown_table
+
     present = {c for r in records for c in (r.get("stages") or {})}
     if any(r.get("taylor_op_s") is not None for r in records):
         present.add("taylor op")
@@ -421,7 +423,7 @@ def markdown(records: list[dict]) -> str:
     head = ["shape", "run", *cols, "stages total", "prune() wall", "dense f+b (same process)", "scoring / f+b",
             "total / f+b", "disc+sel+comp share", "peak mem", "peak over start", "(peak - pre-model) / weights",
             "removed", "taylor op vs ref", "total vs ref", "plan = ref", "status"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 3) + "---|"]
+    body = []
     for r in records:
         stages = r.get("stages") or {}
         cells = []
@@ -436,8 +438,8 @@ def markdown(records: list[dict]) -> str:
                _ratio(r.get("ratio_achieved"), "{:.1%}"),
                _ratio(r.get("taylor_op_vs_reference")), _ratio(r.get("total_vs_reference")),
                "–" if same is None else ("yes" if same else "no"), status.replace("|", "/")]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        body.append(row)
+    return markdown_table(head, body, align="ll" + "r" * (len(head) - 3) + "l")
 
 
 def plan_runs(args, device: str) -> list[dict]:

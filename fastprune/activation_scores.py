@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastprune.errors import FastpruneError
-from fastprune.graph import Group, PruningGraph
+from fastprune.graph import LAYER_KINDS, Group, PruningGraph
 from fastprune.importance import Scores
 from fastprune.layerwise import propagate, record_layer_calls
 from fastprune.reconstruct import DEFAULT_RIDGE, GramStats, _conv1d_type
@@ -78,7 +78,7 @@ def activation_scores(model: torch.nn.Module, graph: PruningGraph, calib: torch.
     modules = dict(model.named_modules())
     by_layer: dict[int, list[tuple[Group, list[tuple[int, str, int]]]]] = {}
     for g in graph.groups:
-        if g.kind in ("heads", "channels") and g.layer is not None:
+        if g.kind in LAYER_KINDS and g.layer is not None:
             found = _consumer_slices(model, g)
             if found:
                 by_layer.setdefault(g.layer, []).append((g, found))

@@ -7,70 +7,15 @@ from collections import defaultdict
 import torch
 
 from fastprune import graph_cache, ops
-from fastprune.errors import FastpruneError
 from fastprune.graph import PruningGraph
 from fastprune.plan import Plan
+from fastprune.plan_ops import kept_indices, validate
 from fastprune.transfers import upload
 from fastprune.widths import layer_widths, remove_layer_widths, update_config, write_widths
 
-# layer_widths and update_config belong to the width resolver (fastprune.widths); importable here as before
+# layer_widths and update_config belong to the width resolver (fastprune.widths), validate and kept_indices
+# to fastprune.plan_ops; importable here as before
 __all__ = ["apply", "kept_indices", "layer_widths", "update_config", "validate"]
-
-
-def validate(plan: Plan, graph: PruningGraph) -> None:
-    """Raise :class:`FastpruneError` naming the first problem; never touches the model."""
-    if plan.fingerprint != graph.fingerprint:
-        raise FastpruneError(f"this plan was made for a different model (plan fingerprint "
-                             f"{plan.fingerprint}, model {graph.fingerprint})")
-    known = {g.name: g for g in graph.groups}
-    for name, size in plan.group_sizes.items():
-        if name in known and known[name].size != size:
-            raise FastpruneError(f"group {name!r} has {known[name].size} elements in this model, "
-                                 f"the plan expects {size}")
-    for name, kept in plan.keep.items():
-        group = known.get(name)
-        if group is None:
-            raise FastpruneError(f"the plan names group {name!r}, which this model does not have")
-        if not kept:
-            what = "head group" if group.kind == "heads" else "element"
-            raise FastpruneError(f"the plan removes every {what} of {name!r}; keep at least one")
-        if any(type(i) is not int for i in kept):
-            raise FastpruneError(f"kept indices of {name!r} must be integers")
-        if any(b <= a for a, b in zip(kept, kept[1:])):
-            raise FastpruneError(f"kept indices of {name!r} must be sorted and distinct (duplicates or "
-                                 f"disorder found)")
-        if kept[0] < 0 or kept[-1] >= group.size:
-            bad = kept[0] if kept[0] < 0 else kept[-1]
-            raise FastpruneError(f"kept index {bad} of {name!r} is out of range [0, {group.size})")
-    layers = plan.remove_layers
-    if layers:
-        if graph.layer_container is None:
-            raise FastpruneError("the plan removes layers but the model has no repeated layers")
-        if len(set(layers)) != len(layers):
-            raise FastpruneError("the plan removes a layer twice")
-        bad = [i for i in layers if not 0 <= i < graph.num_layers]
-        if bad:
-            raise FastpruneError(f"layer {bad[0]} is out of range [0, {graph.num_layers})")
-        if len(layers) >= graph.num_layers:
-            raise FastpruneError("the plan removes every layer")
-
-
-def kept_indices(plan: Plan, graph: PruningGraph) -> dict[tuple[str, int], torch.Tensor]:
-    """Per (parameter, dim) the sorted indices that stay, for every dimension that shrinks."""
-    masks: dict[tuple[str, int], torch.Tensor] = {}
-    for group in graph.groups:
-        kept = plan.keep.get(group.name)
-        if kept is None or len(kept) == group.size:
-            continue
-        removed = torch.ones(group.size, dtype=torch.bool)
-        removed[torch.tensor(kept, dtype=torch.long)] = False
-        removed_elements = removed.nonzero().flatten()
-        for sl in group.slices:
-            key = (sl.param, sl.dim)
-            if key not in masks:
-                masks[key] = torch.ones(graph.param_shapes[sl.param][sl.dim], dtype=torch.bool)
-            masks[key][sl.indices(removed_elements)] = False
-    return {k: m.nonzero().flatten() for k, m in masks.items()}
 
 
 def apply(model: torch.nn.Module, plan: Plan, graph: PruningGraph | None = None, *, progress: bool = False) -> None:

@@ -18,13 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from fastprune import backends
+from fastprune.activation_scores import ACTIVATION_CRITERIA
 from fastprune.cli_checks import check_args
 from fastprune.errors import FastpruneError
+from fastprune.importance import AGGREGATIONS
+from fastprune.importance import CRITERIA as SCORE_CRITERIA
 from fastprune.optional import OPTIONAL, install_hint, optional_output
+from fastprune.presets import PRESETS
+from fastprune.ratio import RATIO_OF
 from fastprune.report import json_safe
+from fastprune.select import RANKINGS, SCOPES
+from fastprune.tables import WIDTH_COLUMNS, format_eval_table, markdown_table, width_cells
+from fastprune.zeroshot import ENGINES
 
-CRITERIA = ("element1", "element2", "mix", "vectorwise", "l1", "l2", "random", "fluctuation", "obs")
-METHODS = ("refit", "llm-pruner")  # fastprune.presets.PRESETS (not imported here: the CLI starts fast)
+CRITERIA = SCORE_CRITERIA + ACTIVATION_CRITERIA
+DTYPES = ("float32", "bfloat16", "float16")
 BENCH_SCRIPTS = {"kernels": "bench_kernels.py", "prune": "bench_prune.py", "quality": "quality.py"}
 USER_ERRORS = (FastpruneError, FileNotFoundError, NotADirectoryError, ValueError)
 
@@ -68,7 +76,7 @@ def _positive_int(text: str) -> int:
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--json", action="store_true", help="print machine-readable results (JSON) only")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="weight dtype (default: float32 on CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return p
@@ -77,14 +85,14 @@ def _common() -> argparse.ArgumentParser:
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="hub id, local directory, .gguf file, or 'smollm2' (the embedded default)")
-    p.add_argument("--method", choices=METHODS, default="refit",
+    p.add_argument("--method", choices=tuple(PRESETS), default="refit",
                    help="recipe (default refit: OBS scores and reconstruction from generic text; llm-pruner: "
                         "the faithful LLM-Pruner recipe); the options below override its settings one by one")
     p.add_argument("--criterion", choices=CRITERIA, default=None,
                    help="importance criterion (refit: obs; llm-pruner: element1)")
-    p.add_argument("--scope", choices=("block", "channel", "layer"), default=None, help="(method: block)")
-    p.add_argument("--ranking", choices=("local", "global"), default=None, help="(method: local)")
-    p.add_argument("--aggregation", choices=("sum", "mean", "max", "prod", "first"), default=None)
+    p.add_argument("--scope", choices=SCOPES, default=None, help="(method: block)")
+    p.add_argument("--ranking", choices=RANKINGS, default=None, help="(method: local)")
+    p.add_argument("--aggregation", choices=AGGREGATIONS, default=None)
     p.add_argument("--layers", type=int, nargs=2, metavar=("START", "END"),
                    help="block-wise layer range [START, END) (default: LLM-Pruner's 4..30 of 32, scaled)")
     p.add_argument("--round-to", type=_positive_int, default=1, help="keep channel counts multiples of this")
@@ -116,7 +124,7 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     _add_selection_args(p)
     p.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of all parameters to remove")
-    p.add_argument("--ratio-of", choices=("model", "prunable"), default="model",
+    p.add_argument("--ratio-of", choices=RATIO_OF, default="model",
                    help="count --ratio over all parameters (default) or over those the scope can remove")
     p.add_argument("--steps", type=_positive_int, default=1, help="iterative pruning in this many steps")
     p.add_argument("--scores", help="reuse importance scores saved with --save-scores (skips calibration)")
@@ -149,7 +157,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zeroshot", default="offline",
                    help="offline, standard, all, or comma-separated task names ('' to skip)")
     p.add_argument("--limit", type=_positive_int, help="score only the first N items of each zero-shot task")
-    p.add_argument("--engine", choices=("auto", "lm-eval", "native"), default="auto",
+    p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="zero-shot scorer: lm-eval's HFLM or the built-in one (same scoring)")
     p.add_argument("--n-items", type=_positive_int, default=500, help="items generated per offline task")
     p.add_argument("--tasks-dir", help="where offline task jsonl + lm-eval YAMLs are written (default: cache)")
@@ -178,11 +186,54 @@ def _add_tune(sub: Any, argv: Sequence[str]) -> None:
     if list(argv[:1]) != ["tune"]:
         return  # import the recovery module (peft) only when it is asked for
     try:
-        from fastprune.recovery import add_tune_arguments
+        add_tune_arguments(p)
     except ImportError as exc:
         p.set_defaults(tune_unavailable=f"{exc}")
-        return
-    add_tune_arguments(p)
+
+
+def add_tune_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``fastprune tune`` (see :func:`fastprune.recovery.recover` for their meaning)."""
+    from fastprune.recovery import PROMPT_FORMATS, SAMPLE_DATA
+
+    p.add_argument("--model", required=True,
+                   help="a checkpoint written by fastprune prune/save_pruned, a hub id, or 'smollm2'")
+    p.add_argument("--merge-only", metavar="ADAPTER", default=None,
+                   help="no training: merge this saved adapter (OUTPUT/adapter of a --no-merge or FSDP run) into "
+                        "--model in one process and write the merged model to --output")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="with --merge-only: load, merge and save in this dtype (default: as stored)")
+    p.add_argument("--data", nargs="+", default=[str(SAMPLE_DATA)],
+                   help="Alpaca .json/.jsonl, wiki, austen, a .txt file or a hub dataset (several are concatenated)")
+    p.add_argument("--output", required=True, help="directory for checkpoints, the adapter and the merged model")
+    p.add_argument("--no-merge", dest="merge", action="store_false", default=None,
+                   help="save the adapter, merge nothing (the default under FSDP: sharded weights cannot be merged)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard with FSDP under torchrun (GPUs only; accelerate launch --use_fsdp needs no flag)")
+    p.add_argument("--fsdp-config", default=None, metavar="JSON",
+                   help="FSDP settings for TrainingArguments.fsdp_config, a JSON file (implies --fsdp)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto")
+    p.add_argument("--response-only", action="store_true", help="loss on the response tokens only")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--target-modules", default=None,
+                   help="comma-separated module names (default: every linear layer in the decoder layers)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch per optimizer step")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass and process")
+    p.add_argument("--seq-len", type=int, default=256, help="examples are cut at this many tokens")
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--val", default="wiki", help="held-out perplexity source ('' to skip)")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 mixed precision (default: on a GPU that supports it)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -213,30 +264,19 @@ def _device(args: argparse.Namespace) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def is_checkpoint(path: str | Path) -> bool:
-    """A directory written by ``save_pruned`` (it holds a plan, a report or a fastprune config entry)."""
-    from fastprune.io import PLAN_FILE, REPORT_FILE
+def _dtype(args: argparse.Namespace):
+    """The torch dtype ``--dtype`` names, or None."""
+    import torch
 
-    root = Path(path).expanduser()
-    config = root / "config.json"
-    if not config.is_file():
-        return False
-    if (root / PLAN_FILE).is_file() or (root / REPORT_FILE).is_file():
-        return True
-    try:
-        return "fastprune" in json.loads(config.read_text())
-    except ValueError:
-        return False
+    return getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
 
 
 def load(name: str, args: argparse.Namespace, attn: str | None = None):
     """``(model, tokenizer)`` from a fastprune checkpoint or anything ``load_model`` takes."""
-    import torch
-
-    from fastprune.io import load_pruned
+    from fastprune.io import is_checkpoint, load_pruned
     from fastprune.models import load_model
 
-    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    dtype = _dtype(args)
     device = _device(args)
     if is_checkpoint(name):
         model, tokenizer = load_pruned(Path(name).expanduser(), dtype=dtype, device=device)
@@ -275,12 +315,6 @@ def _run_dir(kind: str, explicit: str | None) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def write_prune_report(directory: str | Path, report: Any, result: dict[str, Any]) -> dict[str, Path]:
     """Write ``report.json`` (everything), ``report.md`` (a short summary) and ``widths.png`` to ``directory``
     (the chart needs matplotlib: without it, it is skipped with one line on stderr)."""
@@ -309,7 +343,7 @@ def write_prune_report(directory: str | Path, report: Any, result: dict[str, Any
              f"criterion {s.get('criterion')}, scope {s.get('scope')}, ranking {s.get('ranking')}, "
              f"aggregation {s.get('aggregation')}, {s.get('steps')} step(s), calibration "
              f"{result.get('calib', '')} {s.get('n_samples')} x {s.get('seq_len')} tokens.", "",
-             _md_table(("", "before", "after"), rows), "",
+             markdown_table(("", "before", "after"), rows), "",
              *(["![kept heads and MLP channels per layer](widths.png)", ""] if chart is not None else []),
              "```", report.summary(), "```", ""]
     if result.get("sample") is not None:
@@ -368,7 +402,7 @@ def _score(model, tokenizer, args):
     from fastprune.importance import GRADIENT_FREE, score
 
     graph = discover(model)
-    if args.criterion in ("fluctuation", "obs"):
+    if args.criterion in ACTIVATION_CRITERIA:
         from fastprune.activation_scores import activation_scores
 
         if tokenizer is None:
@@ -458,9 +492,9 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
                      **_perplexities(pruned, tokenizer, sets, [args.eval_seq_len], args.eval_tokens, False)})
         del pruned
     keys = [k for k in rows[0] if "@" in k]
-    table = _md_table(("ratio", "parameters", "removed", *(f"ppl {k}" for k in keys)),
-                      [(f"{r['ratio']:.0%}", f"{r['params']:,}", f"{r['ratio_achieved']:.2%}",
-                        *(f"{r[k]:.2f}" for k in keys)) for r in rows])
+    table = markdown_table(("ratio", "parameters", "removed", *(f"ppl {k}" for k in keys)),
+                           [(f"{r['ratio']:.0%}", f"{r['params']:,}", f"{r['ratio_achieved']:.2%}",
+                             *(f"{r[k]:.2f}" for k in keys)) for r in rows])
     out = _run_dir("sweep", args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("model", "criterion", "scope", "ranking", "aggregation", "calib",
@@ -479,22 +513,6 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
     say(table)
     say(f"written to {out}/ ({', '.join(Path(f).name for f in result['files'].values())})")
     return result
-
-
-def format_eval_table(rows: Sequence[dict[str, Any]]) -> str:
-    """LLM-Pruner's results layout: model, parameters, perplexities, accuracy per task (%), mean."""
-    ppl_keys = list(dict.fromkeys(k for r in rows for k in r["ppl"]))
-    tasks = list(dict.fromkeys(t for r in rows for t in r["zeroshot"]))
-    header = ["model", "params", *ppl_keys, *tasks] + (["mean"] if tasks else [])
-    body = []
-    for r in rows:
-        cells = [r["model"], f"{r['params'] / 1e6:.1f} M" if r["params"] >= 1e6 else f"{r['params'] / 1e3:.1f} K"]
-        cells += [f"{r['ppl'][k]:.2f}" if k in r["ppl"] else "-" for k in ppl_keys]
-        cells += [f"{100 * r['zeroshot'][t]['score']:.2f}" if t in r["zeroshot"] else "-" for t in tasks]
-        if tasks:
-            cells.append("-" if r.get("mean") is None else f"{100 * r['mean']:.2f}")
-        body.append(cells)
-    return _md_table(header, body)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
@@ -529,7 +547,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 def cmd_inspect(args: argparse.Namespace) -> dict:
     from fastprune.apply import layer_widths
     from fastprune.discover import discover
-    from fastprune.io import read_plans
+    from fastprune.io import is_checkpoint, read_plans
 
     say = _say(args)
     model, _ = load(args.model, args)
@@ -548,9 +566,8 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
              f"hidden size {result['hidden_size']}"]
     for settings in result.get("plans", []):
         lines.append("pruned with " + ", ".join(f"{k} {v}" for k, v in settings.items() if not isinstance(v, dict)))
-    lines.append(_md_table(("layer", "query heads", "kv heads", "MLP channels"),
-                           [(k, w.get("heads", "-"), w.get("kv_heads", "-"), w.get("intermediate", "-"))
-                            for k, w in result["widths"].items()]))
+    lines.append(markdown_table(("layer", *WIDTH_COLUMNS.values()),
+                                [(k, *width_cells(w)) for k, w in result["widths"].items()]))
     say("\n".join(lines))
     return result
 
@@ -611,11 +628,33 @@ def cmd_tune(args: argparse.Namespace) -> dict:
     if reason is not None:
         raise FastpruneError(f"'fastprune tune' is not available in this installation (LoRA recovery lives in "
                              f"fastprune.recovery: {reason})")
+    return run_tune(args)
+
+
+def run_tune(args: argparse.Namespace) -> dict:
+    """``fastprune tune``: load ``--model``, recover, save to ``--output``; returns the run's summary.
+
+    With ``--merge-only ADAPTER`` it only merges a saved adapter into ``--model``
+    (:func:`fastprune.recovery.merge_adapter`).
+    """
     try:
-        from fastprune.recovery import run_tune
+        from fastprune.recovery import RecoveryConfig, merge_adapter, recover_from
     except ImportError as exc:
         raise FastpruneError(f"'fastprune tune' is not available: {exc}") from exc
-    return run_tune(args)
+    if args.merge_only is not None:  # no training: merge a saved adapter into --model in one process
+        merged = merge_adapter(args.model, args.merge_only, args.output, dtype=_dtype(args))
+        return {"model": str(args.model), "adapter_dir": str(Path(args.merge_only).expanduser().absolute()),
+                "merged_dir": str(merged), "merged": True}
+    targets = [t for t in args.target_modules.split(",") if t] if args.target_modules else None
+    config = RecoveryConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets, lr=args.lr,
+                            epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                            micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
+                            prompt_format=args.prompt_format, train_on_inputs=not args.response_only,
+                            warmup_steps=args.warmup_steps, val_source=args.val or None, eval_every=args.eval_every,
+                            output_dir=args.output, save_every=args.save_every, resume=args.resume, seed=args.seed,
+                            bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, merge=args.merge,
+                            fsdp=bool(args.fsdp or args.fsdp_config) or None, fsdp_config=args.fsdp_config)
+    return recover_from(args.model, list(args.data), config, progress=not args.quiet).to_dict()
 
 
 # ---------------------------------------------------------------------------------------------- main

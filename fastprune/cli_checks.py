@@ -123,6 +123,7 @@ def _check_tune(args: argparse.Namespace) -> None:
 
 
 def _check_model_and_texts(model: str, args: argparse.Namespace, sets: list[str], calib: bool) -> None:
+    from fastprune.activation_scores import ACTIVATION_CRITERIA
     from fastprune.importance import GRADIENT_FREE
 
     calib = calib and args.criterion not in GRADIENT_FREE
@@ -136,7 +137,7 @@ def _check_model_and_texts(model: str, args: argparse.Namespace, sets: list[str]
     for name in sets:
         check_text(name, "--eval")
     recon = getattr(args, "recon_calib", None)
-    if recon is not None and (getattr(args, "reconstruct", False) or args.criterion in ("fluctuation", "obs")):
+    if recon is not None and (getattr(args, "reconstruct", False) or args.criterion in ACTIVATION_CRITERIA):
         for source in recon if isinstance(recon, list) else [recon]:
             check_text(source, "--recon-calib")
     if args.eval_seq_len < 2 and sets:
@@ -159,7 +160,7 @@ def check_model(name: str, option: str) -> None:
 
 def _check_tokenizer(name: str, needs: str) -> None:
     """A fastprune checkpoint saved without a tokenizer cannot feed text to the model."""
-    from fastprune.cli import is_checkpoint
+    from fastprune.io import is_checkpoint
 
     if is_checkpoint(name) and not (Path(name).expanduser() / "tokenizer_config.json").is_file():
         raise FastpruneError(f"{name} was saved without a tokenizer, and {needs} need one "

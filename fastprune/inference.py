@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastprune.errors import FastpruneError
+from fastprune.tables import markdown_table
 
 
 def _sync(device: torch.device) -> None:
@@ -139,14 +140,14 @@ def compile_check(model: torch.nn.Module, backend: str = "inductor", seq_len: in
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown table of :func:`benchmark` rows, with each model's speed relative to the first model."""
     base = {r["attn"]: r for r in rows if r["model"] == rows[0]["model"]}
-    lines = ["| model | attn | params | weights MiB | KV cache KiB/token | prefill tok/s | decode tok/s "
-             "| decode ms/token | prefill speedup | decode speedup |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    header = ("model", "attn", "params", "weights MiB", "KV cache KiB/token", "prefill tok/s", "decode tok/s",
+              "decode ms/token", "prefill speedup", "decode speedup")
+    body = []
     for r in rows:
         b = base.get(r["attn"], r)
-        lines.append(f"| {r['model']} | {r['attn']} | {r['params'] / 1e6:.1f} M | {r['weight_bytes'] / 2**20:.1f} "
-                     f"| {r['kv_bytes_per_token'] / 1024:.1f} | {r['prefill_tokens_per_s']:,.0f} "
-                     f"| {r['decode_tokens_per_s']:,.1f} | {r['decode_ms_per_token']:.1f} "
-                     f"| {r['prefill_tokens_per_s'] / b['prefill_tokens_per_s']:.2f}x "
-                     f"| {r['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x |")
-    return "\n".join(lines)
+        body.append((r["model"], r["attn"], f"{r['params'] / 1e6:.1f} M", f"{r['weight_bytes'] / 2**20:.1f}",
+                     f"{r['kv_bytes_per_token'] / 1024:.1f}", f"{r['prefill_tokens_per_s']:,.0f}",
+                     f"{r['decode_tokens_per_s']:,.1f}", f"{r['decode_ms_per_token']:.1f}",
+                     f"{r['prefill_tokens_per_s'] / b['prefill_tokens_per_s']:.2f}x",
+                     f"{r['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x"))
+    return markdown_table(header, body, align="ll" + "r" * 8)

@@ -23,7 +23,6 @@ import copy
 import ctypes
 import errno
 import json
-import math
 import os
 import shutil
 import sys
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 
 from fastprune.errors import FastpruneError
+from fastprune.model_card import model_card
 from fastprune.overrides import restore_state, saved_state
 from fastprune.plan import Plan
 from fastprune.remote import modeling_fastprune as remote
@@ -101,7 +101,7 @@ def save_pruned(model: torch.nn.Module, directory: str | os.PathLike, *, tokeniz
             (tmp / REPORT_FILE).write_text(json.dumps(json_safe(report.to_dict()), indent=1))
         if evaluation is None and report is not None:
             evaluation = report.settings.get("evaluation")
-        card = _model_card(model, report, plans, base_model, evaluation, vanilla, target.name)
+        card = model_card(model, report, plans, base_model, evaluation, vanilla, target.name)
         (tmp / "README.md").write_text(card)
         bar.update()
         bar.set_postfix_str("flush and swap")
@@ -123,6 +123,20 @@ def _remove_litter(target: Path) -> None:
         names = ", ".join(f"{p.name} ({size / 2**20:.0f} MB)" for p, size in removed.items())
         warnings.warn(f"removed {len(removed)} temporary folder(s) that an interrupted save to {target} left "
                       f"behind: {names}", stacklevel=3)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """A directory written by ``save_pruned`` (it holds a plan, a report or a fastprune config entry)."""
+    root = Path(path).expanduser()
+    config = root / "config.json"
+    if not config.is_file():
+        return False
+    if (root / PLAN_FILE).is_file() or (root / REPORT_FILE).is_file():
+        return True
+    try:
+        return "fastprune" in json.loads(config.read_text())
+    except ValueError:
+        return False
 
 
 def read_plans(directory: str | os.PathLike) -> list[Plan]:
@@ -342,84 +356,6 @@ def _swap_into_place(new: Path, target: Path) -> None:
         release_sibling(old)
     release_sibling(new)
     _fsync_dir(target.parent)
-
-
-# ---------------------------------------------------------------------------------------------- model card
-
-
-def _layer_rows(model: torch.nn.Module, report: PruneReport | None) -> list[tuple[str, Any, Any, Any]]:
-    keys = ("heads", "kv_heads", "intermediate")
-    if report is not None and report.widths_after:
-        rows = []
-        for layer in sorted(report.widths_before, key=int):
-            w = report.widths_after.get(layer)
-            rows.append((str(layer), *(w.get(k, "-") for k in keys)) if w else (str(layer), "removed", "", ""))
-        return rows
-    config = model.config
-    per_layer = getattr(config, remote.RECORD_KEY, None)
-    if per_layer:
-        return [(str(i), *(per_layer[i].get(k, "-") for k in keys)) for i in sorted(per_layer, key=int)]
-    uniform = (getattr(config, "num_attention_heads", "-"), getattr(config, "num_key_value_heads", "-"),
-               getattr(config, "intermediate_size", "-"))
-    return [(str(i), *uniform) for i in range(getattr(config, "num_hidden_layers", 0))]
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _model_card(model: torch.nn.Module, report: PruneReport | None, plans: list[Plan], base_model: str | None,
-                evaluation: Mapping[str, Any] | None, vanilla: bool, name: str) -> str:
-    config = model.config
-    base = base_model or getattr(config, "_name_or_path", "") or "unknown"
-    settings = dict(report.settings) if report is not None else {}
-    if not settings and plans:
-        settings = dict(plans[-1].settings)
-    front = ["---", "library_name: transformers", "tags: [fastprune, pruned, llm-pruner]"]
-    if base_model:
-        front.append(f"base_model: {base_model}")
-    lines = [*front, "---", "", f"# {name}", "",
-             f"`{base}` structurally pruned with fastprune (the LLM-Pruner method): "
-             "whole attention head groups, MLP channels, hidden channels or layers were removed, so the "
-             "model is smaller and faster with no sparse kernels.", "", "## Pruning", "",
-             "| | value |", "|---|---|", f"| base model | `{base}` |"]
-    params_after = sum(p.numel() for p in model.parameters())
-    if report is not None:
-        target = f" (target {report.ratio_target:.2%})" if math.isfinite(report.ratio_target) else ""
-        lines += [f"| parameters | {report.params_before:,} -> {params_after:,} |",
-                  f"| ratio | {report.ratio_achieved:.2%} removed{target} |",
-                  f"| layers | {report.layers_before} -> {report.layers_after} |"]
-        if report.hidden_before is not None:
-            lines.append(f"| hidden size | {report.hidden_before} -> {report.hidden_after} |")
-    else:
-        lines.append(f"| parameters | {params_after:,} |")
-    for key in ("criterion", "scope", "ranking", "aggregation", "steps", "round_to"):
-        if settings.get(key) is not None:
-            lines.append(f"| {key.replace('_', ' ')} | {_fmt(settings[key])} |")
-    calib = [f"{k.replace('_', ' ')} {_fmt(settings[k])}" for k in ("calib", "n_samples", "seq_len", "seed")
-             if settings.get(k) is not None]
-    if calib:
-        lines.append(f"| calibration | {', '.join(calib)} |")
-    lines += ["", "## Per-layer widths", "", "| layer | query heads | kv heads | MLP channels |", "|---|---|---|---|"]
-    lines += [f"| {' | '.join(str(c) for c in row)} |" for row in _layer_rows(model, report)]
-    if evaluation:
-        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in evaluation.items()]
-    lines += ["", "## How to load", "", "```python"]
-    if vanilla:
-        lines += ["# every layer has the same widths: plain transformers loads it",
-                  "from transformers import AutoModelForCausalLM",
-                  "model = AutoModelForCausalLM.from_pretrained(path)"]
-    else:
-        lines += ["# the config alone does not describe this model (per-layer widths, or values it derives "
-                  "from a pruned size): modeling_fastprune.py rebuilds it (needs only transformers)",
-                  "from transformers import AutoModelForCausalLM",
-                  "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"]
-    lines += ["", "# or, with fastprune installed", "import fastprune",
-              "model, tokenizer = fastprune.load_pruned(path)", "```", ""]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- load

@@ -13,18 +13,18 @@ import torch
 
 from fastprune import presets
 from fastprune.activation_scores import ACTIVATION_CRITERIA
-from fastprune.apply import apply, kept_indices, layer_widths, update_config
+from fastprune.apply import apply, layer_widths, update_config
 from fastprune.discover import discover
 from fastprune.errors import FastpruneError
-from fastprune.graph import PruningGraph
+from fastprune.graph import LAYER_KINDS, PruningGraph
+from fastprune.importance import GRADIENT_FREE
 from fastprune.plan import Plan
+from fastprune.plan_ops import kept_indices, predicted_params
 from fastprune.presets import ALLOCATIONS, DEFAULT_METHOD
 from fastprune.ratio import RATIO_OF, cut_warning, ratio_meaning
 from fastprune.reconstruct import attach_biases
 from fastprune.reconstruct import reconstruct as run_reconstruction
 from fastprune.report import PruneReport, StageStat, stage
-
-GRADIENT_FREE = {"random", "l1", "l2"}
 
 
 def _check_ratio(ratio: float | None) -> None:
@@ -251,7 +251,6 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DE
             _note(notes, graph.warnings)
     last = plans[-1]
     if dry_run:
-        from fastprune.select import predicted_params
         params_after = predicted_params(graph, last)
     else:
         params_after = sum(p.numel() for p in model.parameters())
@@ -315,7 +314,7 @@ def _config_limits(model: torch.nn.Module, graph: PruningGraph, notes: list[str]
     Each kind is probed with plans that leave every group of that kind the same smaller width (the
     reason kept is a shape mismatch where some width builds at all).  Raises when no kind is left.
     """
-    groups = [g for g in graph.groups if g.kind in ("heads", "channels") and g.size > 1]
+    groups = [g for g in graph.groups if g.kind in LAYER_KINDS and g.size > 1]
     sizes = {g.name: g.size for g in graph.groups}
     limits: dict[str, str] = {}
     for kind in sorted({g.kind for g in groups}):
@@ -355,7 +354,7 @@ def _uniform_plan(model: torch.nn.Module, graph: PruningGraph, choose: Callable[
     except FastpruneError as exc:
         if not excluded:
             raise
-        left = ", ".join(sorted(_KIND_NAMES[k] for k in ("heads", "channels") if k not in excluded))
+        left = ", ".join(sorted(_KIND_NAMES[k] for k in LAYER_KINDS if k not in excluded))
         raise FastpruneError(f"{exc} (uniform=True prunes only {left} here: the config cannot express "
                              f"{', '.join(_KIND_NAMES[k] for k in sorted(excluded))})") from exc
     bad = inexpressible(model, graph, plan)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fastprune.graph import PruningGraph
+from fastprune.graph import LAYER_KINDS, PruningGraph
 from fastprune.plan import Plan
 
 HEAVY_CUT = 0.4
@@ -38,7 +38,7 @@ def ratio_meaning(model: torch.nn.Module, graph: PruningGraph, plan: Plan) -> di
     total = graph.total_params
     per_layer: dict[int, list[int]] = {}
     for g in graph.groups:
-        if g.kind not in ("heads", "channels") or g.layer is None:
+        if g.kind not in LAYER_KINDS or g.layer is None:
             continue
         cost = g.params_per_element(graph.param_shapes)
         kept = len(plan.keep.get(g.name, range(g.size)))

@@ -41,9 +41,10 @@ import torch
 from tqdm.auto import tqdm
 
 from fastprune.errors import FastpruneError
-from fastprune.graph import PruningGraph
+from fastprune.graph import LAYER_KINDS, PruningGraph
 from fastprune.layerwise import propagate, record_layer_calls
 from fastprune.plan import Plan
+from fastprune.plan_ops import validate
 
 DEFAULT_RIDGE = 1e-2
 MIN_RIDGE = 1e-6  # the kept columns' moment matrix can be singular (a dead channel); the ridge keeps it definite
@@ -100,7 +101,7 @@ def find_consumers(model: torch.nn.Module, graph: PruningGraph, plan: Plan) -> t
     skipped: list[str] = []
     for group in graph.groups:
         kept = plan.keep.get(group.name)
-        if group.kind not in ("heads", "channels") or kept is None or len(kept) == group.size:
+        if group.kind not in LAYER_KINDS or kept is None or len(kept) == group.size:
             continue
         if group.layer in plan.remove_layers:
             continue
@@ -226,7 +227,7 @@ def bias_overhead(model: torch.nn.Module, graph: PruningGraph) -> int:
     modules = dict(model.named_modules())
     wanted = []
     for g in graph.groups:
-        if g.kind in ("heads", "channels"):
+        if g.kind in LAYER_KINDS:
             for sl in g.slices:
                 owner = sl.param.rpartition(".")[0]
                 mod = modules.get(owner)
@@ -247,8 +248,6 @@ def reconstruct(model: torch.nn.Module, graph: PruningGraph, plan: Plan, calib: 
     columns are left for :func:`fastprune.apply` to drop.  New biases are returned in the report
     and attached by :func:`attach_biases` after compaction.  Validates the plan first.
     """
-    from fastprune.apply import validate
-
     validate(plan, graph)
     if not ridge >= MIN_RIDGE:
         raise FastpruneError(f"ridge must be at least {MIN_RIDGE} (relative to the mean input energy), got {ridge}")

@@ -22,7 +22,7 @@ weights are sharded, so nothing is merged in-process: the adapter is gathered an
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -35,9 +35,10 @@ from typing import Any
 
 import torch
 
+from fastprune.data import ALPACA_SAMPLE, HUB_DATASETS, check_tokens, eval_tokens, hub_records, read_records
 from fastprune.errors import FastpruneError
 
-SAMPLE_DATA = Path(__file__).parent / "resources" / "alpaca_sample.jsonl"
+SAMPLE_DATA = ALPACA_SAMPLE  # the default training data: the bundled Alpaca-format records
 PROMPT_FORMATS = ("auto", "alpaca", "text")
 TEXT_SOURCES = ("wiki", "wiki-excerpt", "austen")
 IGNORE_INDEX = -100  # label of tokens that carry no loss
@@ -58,49 +59,14 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 
 # -------------------------------------------------------------------------------------------- data
 
-def _read_records(path: Path) -> list[dict]:
-    if path.suffix.lower() == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise FastpruneError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
-        return records
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FastpruneError(f"{path}: not valid JSON ({exc.msg})") from exc
-    return list(data.values()) if isinstance(data, dict) else list(data)
-
-
-def _hub_records(name: str) -> list[dict]:
-    try:
-        import datasets
-    except ImportError as exc:
-        raise FastpruneError(f"{name!r} is not a local file or a built-in text source; hub instruction datasets "
-                             "need the datasets package (pip install datasets) and network access") from exc
-
-    try:
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as exc:  # connection, not found, gated: the hub raises many kinds
-        raise FastpruneError(f"could not load dataset {name!r} from the Hugging Face hub ({type(exc).__name__}). "
-                             f"Offline, use a local .json/.jsonl file such as {SAMPLE_DATA}") from exc
-    return [dict(r) for r in ds]
-
-
 def _resolve_format(source: str | Path, prompt_format: str) -> str:
     if prompt_format != "auto":
         return prompt_format
     name = str(source)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix.lower() in (".json", ".jsonl"):
-        records = _read_records(path)
+        records = [r for _, r in read_records(path)]
         return "alpaca" if records and isinstance(records[0], dict) and "instruction" in records[0] else "text"
-    from fastprune.data import HUB_DATASETS
-
     return "text" if path.is_file() or name in TEXT_SOURCES or name in HUB_DATASETS else "alpaca"
 
 
@@ -137,8 +103,6 @@ def build_examples(data: Any, tokenizer: Any = None, *, seq_len: int = 256, prom
     if prompt_format not in PROMPT_FORMATS:
         raise FastpruneError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
     if isinstance(data, torch.Tensor):
-        from fastprune.data import check_tokens
-
         tokens = check_tokens(data, None, "training tokens")
         return [{"input_ids": row.tolist(), "labels": row.tolist()} for row in tokens]
     if isinstance(data, (list, tuple)):
@@ -150,11 +114,9 @@ def build_examples(data: Any, tokenizer: Any = None, *, seq_len: int = 256, prom
         raise FastpruneError("text and instruction data need a tokenizer (or pass a LongTensor of token ids)")
     fmt = _resolve_format(data, prompt_format)
     if fmt == "text":
-        from fastprune.data import eval_tokens
-
         return _windows(eval_tokens(tokenizer, data, split="calib", max_tokens=text_tokens), seq_len)
     path = Path(str(data)).expanduser()
-    records = _read_records(path) if path.is_file() else _hub_records(str(data))
+    records = [r for _, r in read_records(path)] if path.is_file() else hub_records(str(data))
     if not records:
         raise FastpruneError(f"{data}: no records")
     return [alpaca_example(tokenizer, r, seq_len, train_on_inputs) for r in records]
@@ -325,18 +287,56 @@ class RecoveryResult:
         return {k: v for k, v in self.__dict__.items() if k != "model"}
 
 
-def recover(model: torch.nn.Module, data: Any, *, tokenizer: Any = None, r: int = 8, alpha: int = 16,
-            dropout: float = 0.05, target_modules: Sequence[str] | None = None, lr: float = 1e-4,
-            epochs: float = 2.0, max_steps: int | None = None, batch_size: int = 128, micro_batch_size: int = 4,
-            seq_len: int = 256, prompt_format: str = "auto", train_on_inputs: bool = True,
-            text_tokens: int | None = None, warmup_steps: int = 100, weight_decay: float = 0.0,
-            val_source: Any = None, val_tokens: int = 4096,
-            eval_every: int | None = None, output_dir: str | os.PathLike | None = None, save_every: int = 200,
-            keep_checkpoints: int = 2, resume: bool = False, seed: int = 0, bf16: bool | None = None,
-            gradient_checkpointing: bool = False, logging_steps: int = 10, plan: Any = None,
-            merge: bool | None = None, fsdp: bool | str | None = None, fsdp_config: dict | str | None = None,
-            callbacks: Sequence[Any] = (), progress: bool = True) -> RecoveryResult:
+@dataclass
+class RecoveryConfig:
+    """The settings of a recovery run (see :func:`recover` for what each does).
+
+    LoRA: ``r``, ``alpha``, ``dropout``, ``target_modules`` (default: every linear layer of the decoder
+    layers).  Data: ``seq_len``, ``prompt_format``, ``train_on_inputs``, ``text_tokens``.  Optimisation:
+    ``lr``, ``epochs`` (``max_steps`` overrides it), ``batch_size`` (global, per optimizer step),
+    ``micro_batch_size`` (per forward pass and process), ``warmup_steps``, ``weight_decay``, ``seed``,
+    ``bf16``, ``gradient_checkpointing``, ``logging_steps``.  Held-out perplexity: ``val_source``,
+    ``val_tokens``, ``eval_every``.  Outputs: ``output_dir``, ``save_every``, ``keep_checkpoints``,
+    ``resume``, ``merge``.  Sharding: ``fsdp``, ``fsdp_config``.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Sequence[str] | None = None
+    lr: float = 1e-4
+    epochs: float = 2.0
+    max_steps: int | None = None
+    batch_size: int = 128
+    micro_batch_size: int = 4
+    seq_len: int = 256
+    prompt_format: str = "auto"
+    train_on_inputs: bool = True
+    text_tokens: int | None = None
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    val_source: Any = None
+    val_tokens: int = 4096
+    eval_every: int | None = None
+    output_dir: str | os.PathLike | None = None
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    bf16: bool | None = None
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    merge: bool | None = None
+    fsdp: bool | str | None = None
+    fsdp_config: dict | str | None = None
+
+
+def recover(model: torch.nn.Module, data: Any, config: RecoveryConfig | None = None, *, tokenizer: Any = None,
+            plan: Any = None, callbacks: Sequence[Any] = (), progress: bool = True, **options: Any) -> RecoveryResult:
     """Fine-tune LoRA adapters on ``data``, merge them into ``model`` (in place) and return the result.
+
+    The settings are ``config`` (a :class:`RecoveryConfig`, default ``RecoveryConfig()``) with any of its
+    fields given as keyword ``options`` taking precedence (``recover(model, data, max_steps=3)``).
 
     ``batch_size`` is the global batch (per optimizer step, over all processes), split into
     ``micro_batch_size`` examples per process and forward pass.  ``max_steps`` overrides ``epochs``.
@@ -358,77 +358,53 @@ def recover(model: torch.nn.Module, data: Any, *, tokenizer: Any = None, r: int 
     here rather than silent DDP.
     """
     from peft import LoraConfig, get_peft_model
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer
 
-    from fastprune.data import eval_tokens
     from fastprune.evaluate import perplexity
 
+    cfg = _config(config, options)
     world = _world_size()
-    if micro_batch_size < 1 or batch_size % (micro_batch_size * world):
-        raise FastpruneError(f"batch_size={batch_size} must be a multiple of micro_batch_size={micro_batch_size} "
-                             f"x {world} process(es)")
-    if resume and output_dir is None:
+    if cfg.micro_batch_size < 1 or cfg.batch_size % (cfg.micro_batch_size * world):
+        raise FastpruneError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size="
+                             f"{cfg.micro_batch_size} x {world} process(es)")
+    if cfg.resume and cfg.output_dir is None:
         raise FastpruneError("resume=True needs the output_dir of the interrupted run")
-    _check_fsdp_support(fsdp)
-    examples = build_examples(data, tokenizer, seq_len=seq_len, prompt_format=prompt_format,
-                              train_on_inputs=train_on_inputs, text_tokens=text_tokens)
-    if not examples:
-        raise FastpruneError("the training data holds no examples")
-    vocab = model.get_input_embeddings().num_embeddings
-    top = max(max(ex["input_ids"]) for ex in examples if ex["input_ids"])
-    if top >= vocab:
-        raise FastpruneError(f"the training data holds token id {top}, outside the model's vocabulary of {vocab}")
-    val = eval_tokens(tokenizer, val_source, "eval", max_tokens=val_tokens) if val_source is not None else None
+    _check_fsdp_support(cfg.fsdp)
+    examples = _training_examples(model, data, tokenizer, cfg)
+    val = eval_tokens(tokenizer, cfg.val_source, "eval", max_tokens=cfg.val_tokens) \
+        if cfg.val_source is not None else None
     history: list[tuple[int, float]] = []
     if val is not None:
         history.append((0, perplexity(model, val, seq_len=128, progress=False).ppl))
-    if bf16 is None:
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
-    out = Path(output_dir).expanduser().absolute() if output_dir is not None else None
-    checkpoint = _last_checkpoint(out / "checkpoints") if (resume and out is not None) else None
-    if resume and checkpoint is None:
+    out = Path(cfg.output_dir).expanduser().absolute() if cfg.output_dir is not None else None
+    checkpoint = _last_checkpoint(out / "checkpoints") if (cfg.resume and out is not None) else None
+    if cfg.resume and checkpoint is None:
         warnings.warn(f"no complete checkpoint under {out / 'checkpoints'}; starting from the beginning",
                       stacklevel=2)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
-    torch.manual_seed(seed)  # the LoRA initialisation
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
-                      target_modules=list(target_modules or default_target_modules(model)))
+    torch.manual_seed(cfg.seed)  # the LoRA initialisation
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none", task_type="CAUSAL_LM",
+                      target_modules=list(cfg.target_modules or default_target_modules(model)))
     peft_model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
-    # transformers 5.23 renamed TrainingArguments.gradient_checkpointing* to activation_checkpointing*
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
-        else "gradient_checkpointing"
     sharded = False  # True once FSDP has wrapped the model: then there is nothing to unload on failure
     with tempfile.TemporaryDirectory(prefix="fastprune-tune-") as scratch:
         try:
-            args = TrainingArguments(
-                output_dir=str(out / "checkpoints") if out is not None else scratch,
-                per_device_train_batch_size=micro_batch_size,
-                gradient_accumulation_steps=batch_size // (micro_batch_size * world),
-                learning_rate=lr, num_train_epochs=epochs, max_steps=max_steps or -1, warmup_steps=warmup_steps,
-                weight_decay=weight_decay, lr_scheduler_type="linear", optim="adamw_torch",
-                bf16=bf16, **{ckpt: gradient_checkpointing,
-                              f"{ckpt}_kwargs": {"use_reentrant": False} if gradient_checkpointing else None},
-                logging_steps=logging_steps, save_strategy="steps" if out is not None else "no",
-                save_steps=save_every, save_total_limit=keep_checkpoints, seed=seed, data_seed=seed,
-                report_to="none", disable_tqdm=not progress, remove_unused_columns=False,
-                dataloader_pin_memory=torch.cuda.is_available(), ddp_find_unused_parameters=False,
-                include_num_input_tokens_seen="non_padding", use_cpu=not torch.cuda.is_available(),
-                fsdp=fsdp or None, fsdp_config=fsdp_config,
-            )
+            args = _training_arguments(cfg, str(out / "checkpoints") if out is not None else scratch, world,
+                                       progress)
             pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else None
             if pad is None and tokenizer is not None:
                 pad = tokenizer.eos_token_id
-            held_out = _perplexity_callback(val, eval_every, history)
+            held_out = _perplexity_callback(val, cfg.eval_every, history)
             trainer = Trainer(model=peft_model, args=args, train_dataset=_Examples(examples),
                               data_collator=_Collator(pad if pad is not None else 0),
                               callbacks=[held_out, *callbacks])
             on_fsdp = trainer.is_fsdp_enabled
-            merge = _check_fsdp(trainer, fsdp, merge, out)
+            merge = _check_fsdp(trainer, cfg.fsdp, cfg.merge, out)
             held_out.every_process = on_fsdp
             if not progress:
                 trainer.remove_callback(PrinterCallback)
@@ -466,14 +442,75 @@ def recover(model: torch.nn.Module, data: Any, *, tokenizer: Any = None, r: int 
                             perplexity=history, adapter_dir=adapter_dir, resumed_from=checkpoint,
                             merged=bool(merge), fsdp=on_fsdp)
     if out is not None and main:
-        from fastprune.io import save_pruned
-
-        if merge:
-            evaluation = {"held-out ppl after recovery": history[-1][1]} if val is not None else None
-            result.merged_dir = str(save_pruned(final, out / "merged", tokenizer=tokenizer, plan=plan,
-                                                evaluation=evaluation, progress=progress))
-        (out / "recovery.json").write_text(json.dumps(result.to_dict(), indent=1))
+        _save_merged(result, out, tokenizer, plan, val is not None, progress)
     return result
+
+
+def recover_from(source: str | os.PathLike, data: Any, config: RecoveryConfig | None = None, *,
+                 progress: bool = True) -> RecoveryResult:
+    """:func:`recover` of the model named ``source``: a checkpoint written by ``save_pruned`` (its plans go into
+    the merged checkpoint), a hub id or ``smollm2`` (the embedded default)."""
+    model, tokenizer, plans = _load_for_tuning(source)
+    return recover(model, data, config, tokenizer=tokenizer, plan=plans, progress=progress)
+
+
+def _config(config: RecoveryConfig | None, options: dict[str, Any]) -> RecoveryConfig:
+    fields = {f.name for f in dataclasses.fields(RecoveryConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(f"recover() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    return dataclasses.replace(config or RecoveryConfig(), **options)
+
+
+def _training_examples(model: torch.nn.Module, data: Any, tokenizer: Any, cfg: RecoveryConfig) -> list[dict]:
+    """The examples of ``data``, checked against the model's vocabulary."""
+    examples = build_examples(data, tokenizer, seq_len=cfg.seq_len, prompt_format=cfg.prompt_format,
+                              train_on_inputs=cfg.train_on_inputs, text_tokens=cfg.text_tokens)
+    if not examples:
+        raise FastpruneError("the training data holds no examples")
+    vocab = model.get_input_embeddings().num_embeddings
+    top = max(max(ex["input_ids"]) for ex in examples if ex["input_ids"])
+    if top >= vocab:
+        raise FastpruneError(f"the training data holds token id {top}, outside the model's vocabulary of {vocab}")
+    return examples
+
+
+def _training_arguments(cfg: RecoveryConfig, output_dir: str, world: int, progress: bool) -> Any:
+    """The ``TrainingArguments`` of a run (``bf16`` resolved: on where the GPU supports it)."""
+    from transformers import TrainingArguments
+
+    bf16 = cfg.bf16 if cfg.bf16 is not None else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    # transformers 5.23 renamed TrainingArguments.gradient_checkpointing* to activation_checkpointing*
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    saving = cfg.output_dir is not None
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.batch_size // (cfg.micro_batch_size * world),
+        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, lr_scheduler_type="linear", optim="adamw_torch",
+        bf16=bf16, **{ckpt: cfg.gradient_checkpointing,
+                      f"{ckpt}_kwargs": {"use_reentrant": False} if cfg.gradient_checkpointing else None},
+        logging_steps=cfg.logging_steps, save_strategy="steps" if saving else "no",
+        save_steps=cfg.save_every, save_total_limit=cfg.keep_checkpoints, seed=cfg.seed, data_seed=cfg.seed,
+        report_to="none", disable_tqdm=not progress, remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(), ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding", use_cpu=not torch.cuda.is_available(),
+        fsdp=cfg.fsdp or None, fsdp_config=cfg.fsdp_config,
+    )
+
+
+def _save_merged(result: RecoveryResult, out: Path, tokenizer: Any, plan: Any, evaluated: bool,
+                 progress: bool) -> None:
+    """The merged model (when merged) and ``recovery.json`` under ``out`` (the main process only)."""
+    from fastprune.io import save_pruned
+
+    if result.merged:
+        evaluation = {"held-out ppl after recovery": result.perplexity[-1][1]} if evaluated else None
+        result.merged_dir = str(save_pruned(result.model, out / "merged", tokenizer=tokenizer, plan=plan,
+                                            evaluation=evaluation, progress=progress))
+    (out / "recovery.json").write_text(json.dumps(result.to_dict(), indent=1))
 
 
 def _check_fsdp(trainer: Any, fsdp: Any, merge: bool | None, out: Path | None) -> bool:
@@ -537,73 +574,3 @@ def _load_for_tuning(name: str | os.PathLike, dtype: torch.dtype | None = None) 
 
     model, tokenizer = load_model(str(name), dtype=dtype)
     return model, tokenizer, None
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``fastprune tune`` (see :func:`recover` for their meaning)."""
-    p = parser
-    p.add_argument("--model", required=True,
-                   help="a checkpoint written by fastprune prune/save_pruned, a hub id, or 'smollm2'")
-    p.add_argument("--merge-only", metavar="ADAPTER", default=None,
-                   help="no training: merge this saved adapter (OUTPUT/adapter of a --no-merge or FSDP run) into "
-                        "--model in one process and write the merged model to --output")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="with --merge-only: load, merge and save in this dtype (default: as stored)")
-    p.add_argument("--data", nargs="+", default=[str(SAMPLE_DATA)],
-                   help="Alpaca .json/.jsonl, wiki, austen, a .txt file or a hub dataset (several are concatenated)")
-    p.add_argument("--output", required=True, help="directory for checkpoints, the adapter and the merged model")
-    p.add_argument("--no-merge", dest="merge", action="store_false", default=None,
-                   help="save the adapter, merge nothing (the default under FSDP: sharded weights cannot be merged)")
-    p.add_argument("--fsdp", action="store_true",
-                   help="shard with FSDP under torchrun (GPUs only; accelerate launch --use_fsdp needs no flag)")
-    p.add_argument("--fsdp-config", default=None, metavar="JSON",
-                   help="FSDP settings for TrainingArguments.fsdp_config, a JSON file (implies --fsdp)")
-    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto")
-    p.add_argument("--response-only", action="store_true", help="loss on the response tokens only")
-    p.add_argument("--r", type=int, default=8, help="LoRA rank")
-    p.add_argument("--alpha", type=int, default=16)
-    p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--target-modules", default=None,
-                   help="comma-separated module names (default: every linear layer in the decoder layers)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch per optimizer step")
-    p.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass and process")
-    p.add_argument("--seq-len", type=int, default=256, help="examples are cut at this many tokens")
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--val", default="wiki", help="held-out perplexity source ('' to skip)")
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 mixed precision (default: on a GPU that supports it)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def run_tune(args: argparse.Namespace) -> dict:
-    """``fastprune tune``: load, recover, save to ``args.output``; returns the run's summary.
-
-    With ``--merge-only ADAPTER`` it only merges a saved adapter into ``--model`` (see :func:`merge_adapter`).
-    """
-    if args.merge_only is not None:
-        dtype = getattr(torch, args.dtype) if args.dtype else None
-        merged = merge_adapter(args.model, args.merge_only, args.output, dtype=dtype)
-        return {"model": str(args.model), "adapter_dir": str(Path(args.merge_only).expanduser().absolute()),
-                "merged_dir": str(merged), "merged": True}
-    model, tokenizer, plans = _load_for_tuning(args.model)
-    targets = [t for t in args.target_modules.split(",") if t] if args.target_modules else None
-    result = recover(model, list(args.data), tokenizer=tokenizer, r=args.r, alpha=args.alpha, dropout=args.dropout,
-                     target_modules=targets, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
-                     batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
-                     prompt_format=args.prompt_format, train_on_inputs=not args.response_only,
-                     warmup_steps=args.warmup_steps, val_source=args.val or None, eval_every=args.eval_every,
-                     output_dir=args.output, save_every=args.save_every, resume=args.resume, seed=args.seed,
-                     bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, plan=plans,
-                     merge=args.merge, fsdp=bool(args.fsdp or args.fsdp_config) or None, fsdp_config=args.fsdp_config,
-                     progress=not args.quiet)
-    return result.to_dict()

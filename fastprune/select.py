@@ -46,11 +46,11 @@ import math
 
 import torch
 
-from fastprune.apply import kept_indices
 from fastprune.errors import FastpruneError
-from fastprune.graph import Group, PruningGraph
+from fastprune.graph import LAYER_KINDS, Group, PruningGraph
 from fastprune.importance import Scores, aggregate
 from fastprune.plan import Plan
+from fastprune.plan_ops import predicted_params
 
 SCOPES = ("block", "channel", "layer")
 EXPERT_ALIGN = 8  # stacked expert widths (and an MoE model's hidden size): 16-byte rows for grouped_mm
@@ -63,26 +63,6 @@ def default_layers(num_layers: int) -> tuple[int, int]:
     start = math.floor(4 / 32 * num_layers + 0.5)
     end = math.floor(30 / 32 * num_layers + 0.5)
     return start, min(max(end, start + 1), num_layers)
-
-
-def predicted_params(graph: PruningGraph, plan: Plan) -> int:
-    """Parameters left after ``plan``: per parameter, the product of its kept sizes per dim.
-
-    A weight index removed by two groups (a q_proj row of a removed head and a column of a
-    removed hidden channel) is counted once.
-    """
-    kept = kept_indices(plan, graph)
-    dropped = set(plan.remove_layers)
-    total = 0
-    for name, shape in graph.param_shapes.items():
-        if graph.layer_of(name) in dropped:
-            continue
-        n = 1
-        for d, size in enumerate(shape):
-            idx = kept.get((name, d))
-            n *= size if idx is None else len(idx)
-        total += n
-    return total
 
 
 def select(graph: PruningGraph, scores: Scores, ratio: float | None = None, *,
@@ -153,7 +133,7 @@ def scope_groups(graph: PruningGraph, scope: str, layers=None,
     if scope == "block":
         default = (0, graph.num_layers) if uniform else default_layers(graph.num_layers)
         span = _layer_range(graph, layers, default=default)
-        return [g for g in graph.groups if g.kind in ("heads", "channels")
+        return [g for g in graph.groups if g.kind in LAYER_KINDS
                 and (g.layer is None or span[0] <= g.layer < span[1])], span
     return graph.groups_of("hidden"), None
 

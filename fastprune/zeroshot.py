@@ -49,6 +49,7 @@ PRIMARY_METRIC = {"hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challeng
                   "openbookqa": "acc_norm", "piqa": "acc_norm", **{t: "acc_norm" for t in OFFLINE_TASKS}}
 LM_EVAL_PREFIX = "fastprune_"  # offline task names inside lm-eval, clear of its own task names
 N_CHOICES = 4
+ENGINES = ("auto", "lm-eval", "native")
 MIN_WORDS, MAX_WORDS = 6, 40
 
 _ABBREVIATIONS = ("Mr", "Mrs", "Ms", "Dr", "St", "Jr", "Sr", "Co", "vs", "No")
@@ -283,7 +284,7 @@ def check_zeroshot(tasks: Sequence[str], engine: str = "auto", limit: int | None
     is loaded."""
     if limit is not None and limit < 1:
         raise FastpruneError(f"limit must be at least 1, got {limit}")
-    if engine not in ("auto", "lm-eval", "native"):
+    if engine not in ENGINES:
         raise FastpruneError(f"engine must be auto, lm-eval or native, got {engine!r}")
     hub_tasks = [t for t in tasks if t not in OFFLINE_TASKS]
     if engine == "auto":

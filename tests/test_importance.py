@@ -259,6 +259,29 @@ def test_micro_batches_and_checkpointing_give_the_same_scores(criterion):
             torch.testing.assert_close(other.groups[name], whole.groups[name], rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("criterion", TAYLOR)
+def test_shard_sum_hook_as_two_processes_holding_the_same_shard(criterion):
+    """``shard_sum`` doubling every tensor is what two processes with identical shards would all-reduce:
+    the scores of the shard repeated twice."""
+    model = _model("llama")
+    graph = discover(model)
+    ids = _calib(model, n=3)
+    summed = []
+
+    def shard_sum(t: torch.Tensor) -> None:
+        summed.append(t.dtype)
+        t.mul_(2)
+
+    got = score(model, graph, ids, criterion, batch_size=2, progress=False, shard_sum=shard_sum)
+    want = score(model, graph, torch.cat([ids, ids]), criterion, progress=False)
+    assert torch.long in summed and len(summed) > 1 and got.settings["n_samples"] == 6
+    for name in want.groups:
+        torch.testing.assert_close(got.groups[name], want.groups[name], rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(got.layer_scores, want.layer_scores, rtol=1e-4, atol=1e-9)
+    with pytest.raises(FastpruneError, match="fused_linear cannot score a shard"):
+        score(model, graph, ids, criterion, fused_linear=True, progress=False, shard_sum=shard_sum)
+
+
 def test_scores_round_trip(tmp_path):
     model = _model("llama")
     graph = discover(model)

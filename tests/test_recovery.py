@@ -15,18 +15,18 @@ from tokenizers import models as tok_models
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 import fastprune
+from fastprune.cli import add_tune_arguments, run_tune
 from fastprune.errors import FastpruneError
 from fastprune.io import load_pruned, save_pruned
 from fastprune.recovery import (
     IGNORE_INDEX,
     SAMPLE_DATA,
-    add_tune_arguments,
+    RecoveryConfig,
     alpaca_example,
     alpaca_prompt,
     build_examples,
     default_target_modules,
     recover,
-    run_tune,
 )
 
 TESTS = Path(__file__).parent
@@ -118,6 +118,26 @@ def test_recover_lowers_loss_and_merges():
                            before["model.layers.0.self_attn.q_proj.weight"])
     assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
     assert all(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_recover_takes_a_config_that_keyword_options_override():
+    tokens = torch.randint(3, 90, (4, 24), generator=torch.Generator().manual_seed(0))
+    config = RecoveryConfig(max_steps=2, batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=0, dropout=0.0,
+                            logging_steps=1, seed=3)
+    runs = []
+    for args, options in (((config,), {}), ((), dict(max_steps=2, batch_size=4, micro_batch_size=2, lr=1e-2,
+                                                      warmup_steps=0, dropout=0.0, logging_steps=1, seed=3)),
+                          ((RecoveryConfig(max_steps=5, seed=3, logging_steps=1),),
+                           dict(max_steps=2, batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=0,
+                                dropout=0.0))):
+        torch.manual_seed(0)
+        result = recover(tiny_llama(), tokens, *args, progress=False, **options)
+        runs.append((result.steps, result.losses, _weights(result.model)))
+    for steps, losses, weights in runs[1:]:  # the same run however the settings were given
+        assert steps == runs[0][0] == 2 and losses == runs[0][1]
+        assert all(torch.equal(weights[k], v) for k, v in runs[0][2].items())
+    with pytest.raises(TypeError, match="'max_step'"):
+        recover(tiny_llama(), tokens, max_step=2, progress=False)
 
 
 def test_tune_on_pruned_checkpoint(tmp_path):
