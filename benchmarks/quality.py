@@ -357,7 +357,7 @@ def main() -> None:
                 log.flush()
                 done[job["job"]] = entry
     results = list(done.values())
-    main_rows = [r for r in results if r.get("part") == "main"]
+    main_rows = sorted((r for r in results if r.get("part") == "main"), key=lambda r: list(ROWS).index(r["row"]))
     dense = next((r for r in main_rows if r["row"] == "dense" and "params" in r), None)
     parts = ["## Main table\n", main_table(main_rows)]
     sweep = [r for r in results if r.get("part") == "sweep"]
