@@ -30,7 +30,6 @@ from fastprune.discover import _common_prefix
 from fastprune.graph import Group, PruningGraph, Slice
 from fastprune.overrides import override_for
 from fastprune.plan import Plan, model_fingerprint
-from fastprune.plan_ops import kept_indices
 from fastprune.widths import WidthMap
 
 MAX_ENTRIES = 8
@@ -175,12 +174,16 @@ def _renamer(graph: PruningGraph, removed_layers: list[int]):
 
 def _new_positions(graph: PruningGraph, plan: Plan) -> dict[tuple[str, int], np.ndarray]:
     """Per (parameter, dim) that shrinks: old index -> new index, -1 where removed."""
-    out: dict[tuple[str, int], np.ndarray] = {}
-    for (name, dim), kept in kept_indices(plan, graph).items():
-        positions = np.full(graph.param_shapes[name][dim], -1, dtype=np.int64)
-        positions[kept.numpy()] = np.arange(len(kept))
-        out[(name, dim)] = positions
-    return out
+    keep_masks: dict[tuple[str, int], np.ndarray] = {}
+    for g in graph.groups:
+        kept = plan.keep.get(g.name)
+        if kept is None or len(kept) == g.size:
+            continue
+        gone = np.setdiff1d(np.arange(g.size), np.asarray(kept, dtype=np.int64))
+        for sl in g.slices:
+            mask = keep_masks.setdefault((sl.param, sl.dim), np.ones(graph.param_shapes[sl.param][sl.dim], bool))
+            mask[(gone[:, None] * sl.stride + np.asarray(sl.base)[None, :]).reshape(-1)] = False
+    return {key: np.where(mask, np.cumsum(mask) - 1, -1) for key, mask in keep_masks.items()}
 
 
 def _moved_slice(sl: Slice, kept: np.ndarray, positions: np.ndarray | None, name: str) -> Slice | None:
