@@ -34,9 +34,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -389,8 +389,9 @@ def _checked_params(model: torch.nn.Module, graph: PruningGraph, criterion: str,
 def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | None = None,
           criterion: str = "element1", *, batch_size: int | None = None, seed: int = 0,
           gradient_checkpointing: bool = False, progress: bool = True, loss_chunk: int | None = None,
-          fused_linear: bool = False, shard_sum: Callable[[torch.Tensor], None] | None = None) -> Scores:
-    """Score every element of every group of ``graph`` with ``criterion``.
+          fused_linear: bool = False, shard_sum: Callable[[torch.Tensor], None] | None = None,
+          groups: Collection[str] | None = None) -> Scores:
+    """Score every element of every group of ``graph`` (or of the groups named in ``groups``) with ``criterion``.
 
     ``calib`` is an ``(n, seq_len)`` LongTensor of token ids (the loss is the causal LM loss
     with labels = inputs); gradient-free criteria need none.  ``batch_size`` splits the
@@ -405,14 +406,22 @@ def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | Non
     that sums a tensor in place over processes that each hold the same model and their own ``calib``
     shard.  Every process then gets the scores of the whole batch (``settings["n_samples"]`` counts it);
     gradient-free criteria ignore it.
+
+    ``groups`` limits the scores to those groups (and the layer scores): a parameter that no named group
+    and no layer holds then gets no gradient at all, e.g. the embeddings when only heads and MLP channels
+    are selected, which saves their vocab x hidden gradient buffer.  The named groups score exactly as
+    without the option.
     """
-    params = _checked_params(model, graph, criterion, batch_size)
+    wanted = graph if groups is None else _only_groups(graph, groups)
+    params = _checked_params(model, wanted, criterion, batch_size)
     settings: dict[str, Any] = {"seed": seed}
-    if criterion == "random":
+    if criterion == "random":  # drawn for every group in graph order, so a group's draw never depends on ``groups``
         gen = torch.Generator().manual_seed(seed)
-        groups = {g.name: torch.rand(len(g.slices), g.size, generator=gen) for g in graph.groups}
+        drawn = {g.name: torch.rand(len(g.slices), g.size, generator=gen) for g in graph.groups}
         layer_scores = torch.rand(graph.num_layers, generator=gen)
-        return Scores(groups, layer_scores, criterion, graph.fingerprint, settings)
+        return Scores({g.name: drawn[g.name] for g in wanted.groups}, layer_scores, criterion, graph.fingerprint,
+                      settings)
+    graph = wanted
     blocks = _blocks(graph, list(params))
     if criterion in GRADIENT_FREE:
         first, second = _magnitude_partials(params, blocks), None
@@ -431,6 +440,19 @@ def score(model: torch.nn.Module, graph: PruningGraph, calib: torch.Tensor | Non
                                              loss_chunk, fused_linear, shard_sum, n_total)
     groups, layer_scores = _reduced_scores(graph, params, criterion, first, second, blocks)
     return Scores(groups, layer_scores, criterion, graph.fingerprint, settings)
+
+
+def _only_groups(graph: PruningGraph, names: Collection[str]) -> PruningGraph:
+    """``graph`` with only the groups named (each must exist)."""
+    if isinstance(names, str):
+        raise FastpruneError(f"groups must be a collection of group names, got the string {names!r}")
+    known = {g.name for g in graph.groups}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise FastpruneError(f"groups names {unknown[0]!r}, which the graph does not have; it has "
+                             f"{sorted(known)[:6]}{' ...' if len(known) > 6 else ''}")
+    wanted = set(names)
+    return replace(graph, groups=[g for g in graph.groups if g.name in wanted])
 
 
 def _check_calib(calib, model) -> torch.Tensor:

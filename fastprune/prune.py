@@ -55,6 +55,16 @@ def _hidden_size(graph: PruningGraph, plan: Plan | None = None) -> int | None:
 _UNSET: Any = None  # an option left to the method's preset
 
 
+def _groups_to_score(graph: PruningGraph, scope: str) -> list[str] | None:
+    """The groups to score: for the block scope every group but the hidden one, so the embeddings and
+    the output head take no gradient (a vocab x hidden buffer held through the whole backward pass; the
+    heads and channels score the same).  The other scopes score everything (the layer scope's layer
+    totals would move by float rounding, which can reorder near-tied layers)."""
+    if scope != "block":
+        return None
+    return [g.name for g in graph.groups if g.kind != "hidden"]
+
+
 def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DEFAULT_METHOD,
           criterion: str | None = _UNSET, scope: str | None = _UNSET, ranking: str | None = _UNSET,
           aggregation: str | None = _UNSET, layers: tuple[int, int] | None = _UNSET, round_to: int = 1,
@@ -196,7 +206,8 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DE
                     with stage(stages, "scoring", device):
                         step_scores = score(model, graph, tokens, criterion=criterion, seed=seed + step - 1,
                                             progress=progress, loss_chunk=loss_chunk,
-                                            gradient_checkpointing=gradient_checkpointing)
+                                            gradient_checkpointing=gradient_checkpointing,
+                                            groups=_groups_to_score(graph, scope))
                 if adaptive:
                     from fastprune.allocate import sensitivity_scores
                     from fastprune.select import scope_groups

@@ -313,3 +313,38 @@ def test_bad_arguments():
         score(model, graph, _calib(model).float(), "element1")
     with pytest.raises(FastpruneError, match="aggregation"):
         aggregate(score(model, graph, None, "l1"), graph, "median")
+
+
+@pytest.mark.parametrize("criterion", ["element1", "element2", "vectorwise"])
+def test_scoring_named_groups_gives_their_scores_and_no_embedding_gradient(criterion):
+    """``groups=`` scores the named groups exactly as a full run does, and the parameters outside them
+    and outside every layer (the tied embedding and output head) take no gradient while it runs."""
+    model = tiny_llama(layers=2)
+    graph = discover(model)
+    ids = _calib(model)
+    wanted = [g.name for g in graph.groups if g.kind != "hidden"]
+    assert len(wanted) < len(graph.groups)  # the hidden group is left out
+    full = score(model, graph, ids, criterion=criterion, progress=False)
+    seen = []
+    emb = model.get_input_embeddings()
+    hook = emb.register_forward_pre_hook(lambda mod, args: seen.append(mod.weight.requires_grad))
+    try:
+        part = score(model, graph, ids, criterion=criterion, progress=False, groups=wanted)
+    finally:
+        hook.remove()
+    assert seen == [False] * len(seen) and seen, "the embedding required grad while only layer groups scored"
+    assert emb.weight.requires_grad  # restored afterwards
+    assert sorted(part.groups) == sorted(wanted)
+    for name in wanted:
+        assert torch.equal(part.groups[name], full.groups[name]), name
+    # layer totals sum the same weights, possibly from differently laid-out partials: equal up to rounding
+    torch.testing.assert_close(part.layer_scores, full.layer_scores, rtol=1e-5, atol=0)
+
+
+def test_scoring_unknown_groups_is_refused():
+    model = tiny_llama(layers=2)
+    graph = discover(model)
+    with pytest.raises(FastpruneError, match="'nope'"):
+        score(model, graph, _calib(model), groups=["nope"], progress=False)
+    with pytest.raises(FastpruneError, match="collection of group names"):
+        score(model, graph, _calib(model), groups="hidden", progress=False)

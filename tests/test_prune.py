@@ -139,3 +139,22 @@ def test_uniform_needs_block_scope():
     with pytest.raises(FastpruneError, match="uniform"):
         fastprune.prune(_model(), 0.2, calib=_calib(), scope="channel", uniform=True, method="llm-pruner",
                         progress=False)
+
+
+@pytest.mark.parametrize("scope,embedding_scored", [("block", False), ("layer", True), ("channel", True)])
+def test_prune_takes_the_embedding_gradient_only_when_the_hidden_dimension_is_pruned(scope, embedding_scored):
+    """Heads and MLP channels need no embedding gradient (a vocab x hidden buffer); the plan is the one
+    that scores from a full run give."""
+    model = _model()
+    seen = []
+    model.get_input_embeddings().register_forward_pre_hook(  # forwards with autograd on: the scoring ones
+        lambda mod, args: seen.append(mod.weight.requires_grad) if torch.is_grad_enabled() else None)
+    layers = (0, 4) if scope == "block" else None
+    report = fastprune.prune(model, 0.25, scope=scope, calib=_calib(), layers=layers, dry_run=True,
+                             method="llm-pruner", progress=False)
+    assert True in seen if embedding_scored else (seen and True not in seen)
+    full = _model()
+    scores = score(full, fastprune.discover(full), _calib(), criterion="element1", progress=False)
+    again = fastprune.prune(full, 0.25, scope=scope, scores=scores, layers=layers, dry_run=True,
+                            method="llm-pruner", progress=False)
+    assert report.settings["plans"][0] == again.settings["plans"][0]
