@@ -101,8 +101,7 @@ def _leaf_slices(result: TraceResult, shapes) -> tuple[dict[int, list[Slice]], s
                 if size * len(base) > 1 << 24:  # a huge non-prunable space (e.g. a fused vocab): skip
                     blocked.add(leaf)
                     continue
-                every = (np.arange(size)[:, None] * stride + base[None, :]).reshape(-1)
-                if len(np.unique(every)) != len(every):  # elements would overlap: not a removable unit
+                if _overlaps(base, stride, size):  # elements would overlap: not a removable unit
                     blocked.add(leaf)
                     continue
                 # one slice per contiguous run of the base (fused [q; k; v] rows give three runs)
@@ -110,6 +109,14 @@ def _leaf_slices(result: TraceResult, shapes) -> tuple[dict[int, list[Slice]], s
                 for run in np.split(base, cuts):
                     slices[leaf].append(Slice(name, dim, tuple(int(i) for i in run), int(stride), role))
     return slices, blocked
+
+
+def _overlaps(base: np.ndarray, stride: int, size: int) -> bool:
+    """Whether two of the ``size`` elements ``i * stride + base`` share an index."""
+    if len(base) and np.all(np.diff(base) > 0) and base[-1] - base[0] < stride:
+        return False  # increasing offsets within one stride: element i owns [i * stride, (i + 1) * stride)
+    every = (np.arange(size)[:, None] * stride + base[None, :]).reshape(-1)
+    return len(np.unique(every)) != len(every)
 
 
 def _heads_per_element(slices: list[Slice], root: list[int]) -> int:

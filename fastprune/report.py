@@ -119,7 +119,8 @@ def _rss_bytes() -> int:
 
 
 class _RssSampler(threading.Thread):
-    """Samples the process's resident set size until stopped; keeps the maximum."""
+    """Samples the process's resident set size until stopped; keeps the maximum (where the kernel's
+    high-water mark cannot be reset: it wakes every 2 ms and competes for the GIL)."""
 
     def __init__(self, interval: float = 0.002) -> None:
         super().__init__(daemon=True)
@@ -135,6 +136,59 @@ class _RssSampler(threading.Thread):
         return max(self.peak, _rss_bytes())
 
 
+def _high_water_bytes() -> int | None:
+    """The kernel's peak resident set of this process since its last reset (Linux ``VmHWM``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+_OPEN_PEAKS: list[_PeakRss] = []  # measurements running now (stages may nest)
+
+
+def _reset_high_water() -> bool:
+    """Reset the kernel's high-water mark (``/proc/self/clear_refs``); the running measurements keep
+    the peak they had seen.  False where the kernel does not offer it."""
+    hwm = _high_water_bytes()
+    if hwm is None:
+        return False
+    for m in _OPEN_PEAKS:
+        m.peak = max(m.peak, hwm)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class _PeakRss:
+    """The peak resident set between ``start`` and ``stop``: the kernel's high-water mark where Linux lets
+    it be reset (no thread, no cost while the stage runs), else :class:`_RssSampler`."""
+
+    def __init__(self) -> None:
+        self.peak = _rss_bytes()
+        self._sampler: _RssSampler | None = None
+
+    def start(self) -> None:
+        if _reset_high_water():
+            _OPEN_PEAKS.append(self)
+        else:
+            self._sampler = _RssSampler()
+            self._sampler.start()
+
+    def stop(self) -> int:
+        if self._sampler is not None:
+            return self._sampler.stop()
+        _OPEN_PEAKS.remove(self)
+        return max(self.peak, _high_water_bytes() or 0, _rss_bytes())
+
+
 @contextmanager
 def stage(stages: dict[str, StageStat], name: str, device: torch.device):
     """Time a block and record its peak memory under ``stages[name]`` (accumulates)."""
@@ -145,7 +199,7 @@ def stage(stages: dict[str, StageStat], name: str, device: torch.device):
         start_bytes = torch.cuda.memory_allocated(device)
     else:
         start_bytes = _rss_bytes()
-        sampler = _RssSampler()
+        sampler = _PeakRss()
         sampler.start()
     start = time.perf_counter()
     try:
