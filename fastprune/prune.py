@@ -193,13 +193,13 @@ def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DE
                 with stage(stages, "calibration", device):
                     recon_tokens = _recon_calibration(opts, tokenizer, seed)
             if step_scores is None:
+                tokens = None
                 if activation:
                     from fastprune.activation_scores import activation_scores
                     with stage(stages, "scoring", device):
                         step_scores = activation_scores(model, graph, recon_tokens, criterion, ridge=opts["ridge"],
                                                         progress=progress)
                 else:
-                    tokens = None
                     if criterion not in GRADIENT_FREE or adaptive:
                         with stage(stages, "calibration", device):
                             tokens = _calibration(model, calib, tokenizer, n_samples, seq_len, seed + step - 1)

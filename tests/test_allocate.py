@@ -67,3 +67,16 @@ def test_unknown_allocation_and_bad_probe_are_refused():
     scores = score(model, graph, None, criterion="l1", progress=False)
     with pytest.raises(FastpruneError, match="probe"):
         sensitivity_scores(model, graph, scores, _calib(), graph.groups, probe=1.5, progress=False)
+
+
+def test_the_default_recipe_takes_sensitivity_allocation():
+    """obs scores (no gradients, no LLM-Pruner calibration) with allocation="sensitivity": the sensitivity
+    probes run on the reconstruction windows."""
+    model = tiny_llama(layers=4, hidden=48, intermediate=64, heads=6, kv_heads=3)
+    report = fastprune.prune(model, 0.2, recon_calib=_calib(n=8, s=16, seed=2), method="refit",
+                             allocation="sensitivity", progress=False)
+    assert report.settings["criterion"] == "obs" and report.settings["allocation"] == "sensitivity"
+    assert "allocation" in report.stages and "reconstruction" in report.stages
+    assert abs(report.ratio_achieved - 0.2) <= 0.01
+    x = _calib(seed=7)
+    assert torch.isfinite(model(x, labels=x).loss)
