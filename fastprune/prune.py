@@ -62,7 +62,7 @@ def _groups_to_score(graph: PruningGraph, scope: str) -> list[str] | None:
     totals would move by float rounding, which can reorder near-tied layers)."""
     if scope != "block":
         return None
-    return [g.name for g in graph.groups if g.kind != "hidden"]
+    return [g.name for g in graph.groups if g.kind in LAYER_KINDS]
 
 
 def prune(model: torch.nn.Module, ratio: float | None = 0.2, *, method: str = DEFAULT_METHOD,
