@@ -119,3 +119,12 @@ def test_quality_table_rows(tmp_path):
     _run(args, timeout=300)  # resumed: nothing runs again
     again = [json.loads(x) for x in (tmp_path / "quality.jsonl").read_text().splitlines()]
     assert len([r for r in again if "job" in r]) == len([r for r in lines if "job" in r])
+
+
+def test_the_tuning_table_in_results_is_what_its_json_lines_render():
+    """RESULTS.md's issue-17 tuning table is regenerated, not edited: every line render_tuning.py makes from
+    the committed JSON lines is in RESULTS.md, in order."""
+    table = _run([BENCH / "render_tuning.py"]).strip()
+    results = (BENCH / "RESULTS.md").read_text()
+    assert table.count("\n") >= 3
+    assert table in results
