@@ -198,8 +198,8 @@ def stage(stages: dict[str, StageStat], name: str, device: torch.device):
         torch.cuda.reset_peak_memory_stats(device)
         start_bytes = torch.cuda.memory_allocated(device)
     else:
-        start_bytes = _rss_bytes()
         sampler = _PeakRss()
+        start_bytes = sampler.peak  # the resident set now, read once
         sampler.start()
     start = time.perf_counter()
     try:
