@@ -161,6 +161,23 @@ def test_large_shapes_reach_the_wide_and_grid_stride_paths(name):
 
 # ---------------------------------------------------------------- C++: thread count
 
+def test_cpp_kernels_run_on_as_many_threads_as_torch_is_given():
+    """ATen's parallel_for runs inline in a module compiled without OpenMP: the kernels would use one
+    core whatever torch.set_num_threads says (and the bitwise test below would compare a run with itself)."""
+    require("cpp", "cpu")
+    from fastprune._native import _C
+
+    threads = torch.get_num_threads()
+    try:
+        seen = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            seen.append(_C.parallel_threads())
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 2, 3]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpp_taylor_is_bitwise_the_same_with_one_and_two_threads(dtype):
     require("cpp", "cpu")
