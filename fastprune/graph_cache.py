@@ -6,8 +6,9 @@ forward pass, and the family override in force) and handed out again, as a copy,
 with the same key: repeated prunes of copies of one model, sweeps, scoring after loading.
 
 After ``apply`` the pruned model has new shapes, so a new key; instead of tracing it again,
-:func:`remember_pruned` derives its graph from the old one and the plan (kept elements renumbered,
-removed layers dropped and the later ones renumbered) and stores it under the new key.  Where a
+:func:`remember_pruned` records under the new key how to derive its graph from the old one and the
+plan (kept elements renumbered, removed layers dropped and the later ones renumbered); the first
+lookup of that key derives it, so a prune that never discovers its result again pays nothing.  Where a
 slice would stop being one affine run of indices, or a group is left with one element (discovery
 offers none such, and what it held may become a group of its own: the query heads of the last kv
 head), the derivation gives up and the next discovery traces.
@@ -34,7 +35,19 @@ from fastprune.widths import WidthMap
 
 MAX_ENTRIES = 8
 _IGNORED_CONFIG_KEYS = {"_name_or_path", "dtype", "torch_dtype", "transformers_version", "architectures"}
-_graphs: OrderedDict[tuple, PruningGraph] = OrderedDict()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pending:
+    """A graph not derived yet: ``plan`` applied to the stored ``graph`` gave a model of these shapes."""
+
+    graph: PruningGraph
+    plan: Plan
+    shapes: dict[str, tuple[int, ...]]
+    fingerprint: str
+
+
+_graphs: OrderedDict[tuple, PruningGraph | _Pending] = OrderedDict()
 
 
 def structure_key(model: torch.nn.Module) -> tuple:
@@ -55,18 +68,30 @@ def _copy(graph: PruningGraph) -> PruningGraph:
                                warnings=list(graph.warnings), widths=copy.deepcopy(graph.widths))
 
 
+def _stored(key: tuple) -> PruningGraph | None:
+    """The graph stored under ``key`` (derived now if it was pending), or None."""
+    entry = _graphs.get(key)
+    if isinstance(entry, _Pending):
+        entry = derive(entry.graph, entry.plan, entry.shapes, entry.fingerprint)
+        if entry is None:
+            del _graphs[key]
+        else:
+            _graphs[key] = entry
+    return entry
+
+
 def lookup(key: tuple) -> PruningGraph | None:
     """A copy of the graph stored under ``key``, or None."""
-    graph = _graphs.get(key)
+    graph = _stored(key)
     if graph is None:
         return None
     _graphs.move_to_end(key)
     return _copy(graph)
 
 
-def store(key: tuple, graph: PruningGraph) -> None:
+def store(key: tuple, graph: PruningGraph | _Pending) -> None:
     """Keep a copy of ``graph`` under ``key`` (the least recently used of more than MAX_ENTRIES goes)."""
-    _graphs[key] = _copy(graph)
+    _graphs[key] = graph if isinstance(graph, _Pending) else _copy(graph)
     _graphs.move_to_end(key)
     while len(_graphs) > MAX_ENTRIES:
         _graphs.popitem(last=False)
@@ -78,17 +103,20 @@ def clear() -> None:
 
 
 def remember_pruned(model: torch.nn.Module, graph: PruningGraph, plan: Plan, key_before: tuple) -> None:
-    """Store the graph of ``model`` as ``apply(model, plan, graph)`` left it, when it can be derived.
+    """Store how to derive the graph of ``model`` as ``apply(model, plan, graph)`` left it.
 
     Only a graph that discovery stored for the model before ``apply`` (``key_before``) is followed:
-    a graph edited by hand may lack groups the model has.
+    a graph edited by hand may lack groups the model has.  The derivation runs at the first
+    :func:`lookup` of the pruned model's key (and stores nothing where it fails).
     """
-    if _graphs.get(key_before) != graph:
+    stored = _stored(key_before)
+    if stored is None or stored != graph:
         return
-    derived = derive(graph, plan, {n: tuple(p.shape) for n, p in model.named_parameters()},
-                     model_fingerprint(model))
-    if derived is not None:
-        store(structure_key(model), derived)
+    key = structure_key(model)
+    plan = dataclasses.replace(plan, keep={k: list(v) for k, v in plan.keep.items()},
+                               remove_layers=list(plan.remove_layers))  # the caller may reuse its plan
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    store(key, _Pending(stored, plan, shapes, fingerprint=key[1]))  # key[1]: the model_fingerprint
 
 
 def derive(graph: PruningGraph, plan: Plan, shapes: dict[str, tuple[int, ...]],

@@ -119,3 +119,22 @@ def test_the_cache_is_bounded(traces):
     for layers in range(1, graph_cache.MAX_ENTRIES + 3):
         discover(tiny_llama(layers=layers))
     assert len(graph_cache._graphs) == graph_cache.MAX_ENTRIES
+
+
+def test_the_pruned_graph_is_derived_at_its_first_lookup_only(traces, monkeypatch):
+    """``apply`` records how to derive the pruned model's graph; a prune that never discovers it again
+    pays nothing, and a plan the caller changes afterwards does not change what is derived."""
+    derived = []
+    real = graph_cache.derive
+    monkeypatch.setattr(graph_cache, "derive", lambda *a, **k: derived.append(1) or real(*a, **k))
+    model = tiny_llama(layers=3)
+    graph = discover(model)
+    plan = _plan(graph, True, [1])
+    apply(model, plan, graph)
+    assert derived == []
+    plan.keep.clear()
+    plan.remove_layers.clear()
+    first = discover(model)
+    assert derived == [1] and len(traces) == 1
+    assert discover(model) == first and derived == [1]  # derived once, then stored
+    assert first == discover(model, cache=False)
