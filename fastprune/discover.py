@@ -95,19 +95,26 @@ def _leaf_slices(result: TraceResult, shapes) -> tuple[dict[int, list[Slice]], s
                 continue
             role = result.param_roles.get((name, dim), "other")
             for leaf, base, stride, blk, inner in sp.layout(atom):
-                if blk or inner:
+                if blk or inner or leaf in blocked:  # a blocked leaf is no group: its slices are not needed
                     blocked.add(leaf)
+                    continue
                 size = sp.size[leaf]
                 if size * len(base) > 1 << 24:  # a huge non-prunable space (e.g. a fused vocab): skip
                     blocked.add(leaf)
                     continue
-                if _overlaps(base, stride, size):  # elements would overlap: not a removable unit
+                offsets = base.tolist()
+                one_run = offsets == list(range(offsets[0], offsets[0] + len(offsets)))
+                # elements would overlap: not a removable unit (one run shorter than the stride never does)
+                if not (one_run and len(offsets) <= stride) and _overlaps(base, stride, size):
                     blocked.add(leaf)
                     continue
+                if one_run:
+                    slices[leaf].append(Slice(name, dim, tuple(offsets), int(stride), role))
+                    continue
                 # one slice per contiguous run of the base (fused [q; k; v] rows give three runs)
-                cuts = np.flatnonzero(np.diff(base) != 1) + 1
-                for run in np.split(base, cuts):
-                    slices[leaf].append(Slice(name, dim, tuple(int(i) for i in run), int(stride), role))
+                cuts = [0, *(np.flatnonzero(np.diff(base) != 1) + 1).tolist(), len(offsets)]
+                for start, end in zip(cuts, cuts[1:]):
+                    slices[leaf].append(Slice(name, dim, tuple(offsets[start:end]), int(stride), role))
     return slices, blocked
 
 

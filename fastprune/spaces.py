@@ -24,8 +24,18 @@ class Spaces:
         self.flags: list[set[str]] = []
         self.defn: dict[int, tuple[str, list[int]]] = {}
         self.conflicts: list[str] = []
+        self._layouts: dict[int, list] | None = None  # set by freeze(): layouts computed once
+
+    def freeze(self) -> None:
+        """No more atoms or relations: from now on each atom's :meth:`layout` is computed once."""
+        self._layouts = {}
+
+    def _check_open(self) -> None:
+        if self._layouts is not None:
+            raise RuntimeError("these spaces are frozen (the trace is over): nothing can be added or related")
 
     def new(self, size: int, blocked: bool = False) -> int:
+        self._check_open()
         self.parent.append(len(self.parent))
         self.size.append(int(size))
         self.blocked.append(blocked)
@@ -41,6 +51,7 @@ class Spaces:
         return root
 
     def block(self, a: int, why: str | None = None) -> None:
+        self._check_open()
         self.blocked[self.find(a)] = True
         if why:
             self.conflicts.append(why)
@@ -49,6 +60,7 @@ class Spaces:
         self.flags[self.find(a)].add(name)
 
     def union(self, a: int, b: int) -> None:
+        self._check_open()
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
@@ -68,6 +80,7 @@ class Spaces:
 
     def define(self, a: int, kind: str, children: list[int]) -> None:
         """State that atom ``a`` is the product or concatenation of ``children``."""
+        self._check_open()
         if kind == "prod":
             children = [c for c in children if self.size[self.find(c)] != 1]
         else:
@@ -169,9 +182,16 @@ class Spaces:
         blocked when it or any atom above it is blocked.  It is *inner* when it sits in a product
         after the first factor that is not wholly blocked (a head's ``head_dim``, or GQA's
         query-per-kv-head repeat): removing one of its indices would cut through every element
-        of the leading factor.
+        of the leading factor.  The lists returned for frozen spaces are shared: do not modify them.
         """
         r = self.find(a)
+        if self._layouts is not None:
+            if (known := self._layouts.get(r)) is None:
+                known = self._layouts[r] = self._layout(r)
+            return known
+        return self._layout(r)
+
+    def _layout(self, r: int) -> list[tuple[int, np.ndarray, int, bool, bool]]:
         d = self.defn.get(r)
         blocked_here = self.blocked[r]
         if d is None:

@@ -38,6 +38,7 @@ follow it, the binding (:func:`checkpoint_bindings`), never the values twice.
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -144,16 +145,26 @@ def resolve_widths(model: torch.nn.Module, result: TraceResult, leaf_groups: dic
 def _traced_links(result: TraceResult, leaf_groups: dict[int, Group], modules: dict) -> list[WidthLink]:
     sp = result.spaces
     links: dict[tuple[str, str], WidthLink] = {}
+    int_attrs: dict[str, dict[int, list[str]]] = {}  # module -> its integer attributes by value
     for module_name, atom, literal in result.view_literals:
+        if module_name not in modules:
+            continue
+        if (by_value := int_attrs.get(module_name)) is None:
+            by_value = int_attrs[module_name] = defaultdict(list)
+            for attr, value in vars(modules[module_name]).items():
+                if type(value) is int:
+                    by_value[value].append(attr)
+        if literal not in by_value:  # no attribute holds this size: nothing to link (skip the layout)
+            continue
         found = [(leaf_groups[leaf], len(base)) for leaf, base, *_ in sp.layout(atom) if leaf in leaf_groups]
         if len(found) != 1:
             continue
         group, per = found[0]
-        if group.size * per != literal or module_name not in modules:
+        if group.size * per != literal:
             continue
         hint = _NAME_HINTS[group.kind]
-        for attr, value in vars(modules[module_name]).items():
-            if type(value) is int and value == literal and hint.search(attr):
+        for attr in by_value[literal]:
+            if hint.search(attr):
                 links[(module_name, attr)] = WidthLink(module_name, attr, group.name, per)
     return list(links.values())
 

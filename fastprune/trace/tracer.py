@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from fastprune.spaces import Spaces
 from fastprune.trace.rules import IGNORED, rule_for
@@ -40,6 +40,23 @@ class TraceResult:
     unmapped: list[str] = field(default_factory=list)
 
 
+def _tensors_in(value: Any, out: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Append the tensors in ``value`` (a tensor, or lists, tuples and dicts of them, at any depth) to ``out``.
+
+    What ``torch.utils._pytree.tree_flatten`` would find among an aten call's arguments, at a fraction
+    of its cost (the tracer looks at every call of the forward pass).
+    """
+    if isinstance(value, torch.Tensor):
+        out.append(value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _tensors_in(item, out)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _tensors_in(item, out)
+    return out
+
+
 @dataclass
 class Call:
     """One aten call as a rule sees it: ``name`` is the overload packet's (``view``, ``index_add_``)."""
@@ -50,15 +67,15 @@ class Call:
     kwargs: dict
     out: Any
 
-    @property
+    @cached_property
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor among the arguments, in order."""
-        return [a for a in tree_flatten((self.args, self.kwargs))[0] if isinstance(a, torch.Tensor)]
+        return _tensors_in(self.kwargs, _tensors_in(self.args, []))
 
-    @property
+    @cached_property
     def outputs(self) -> list[torch.Tensor]:
         """Every tensor among the outputs, in order."""
-        return [o for o in tree_flatten(self.out)[0] if isinstance(o, torch.Tensor)]
+        return _tensors_in(self.out, [])
 
     @property
     def first_output(self) -> torch.Tensor:
@@ -178,12 +195,11 @@ class Tracer(TorchDispatchMode):
         name = func.__name__.split(".")[0]
         self.namespace = getattr(func, "namespace", "aten")  # named in unmapped-op messages (custom ops too)
         if self.free_constants:
-            inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            inputs = _tensors_in(kwargs, _tensors_in(args, []))
             if not any(id(t) in self.derived for t in inputs):
                 return out  # computed from constants only (masks, ALiBi slopes): no coupling
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self.derived.add(id(t))
+            for t in _tensors_in(out, []):
+                self.derived.add(id(t))
         if name in IGNORED or not isinstance(out, (torch.Tensor, tuple, list)):
             return out
         call = Call(func, name, args, kwargs, out)
@@ -233,5 +249,6 @@ def trace_model(model: torch.nn.Module, input_ids: torch.Tensor, free_constants:
     for (p1, d1), (p2, d2) in couplings:  # a declared coupling is trusted, also where an unmapped op blocked it
         tracer.sp.union(tracer.param_atoms[p1][d1], tracer.param_atoms[p2][d2])
         tracer.sp.blocked[tracer.sp.find(tracer.param_atoms[p1][d1])] = False
+    tracer.sp.freeze()  # what the trace related is final: layouts are computed once from here
     return TraceResult(tracer.sp, tracer.param_atoms, tracer.param_roles, tracer.attention_params,
                        tracer.head_atoms, tracer.reduced, tracer.view_literals, tracer.unmapped)
