@@ -14,6 +14,12 @@ from fastprune.plan import model_fingerprint
 from fastprune.trace import TraceResult, trace_model
 from fastprune.widths import resolve_widths
 
+# The traced batch: one sequence of two tokens.  Structure needs no more (a second token keeps the
+# attention and its causal mask on the prefill path; the groups do not depend on the values or on which
+# experts the tokens reach), and every linear layer of the trace is cheaper with fewer rows: on the CPU
+# the 49k x 576 output head of SmolLM2 takes 7 ms for 2 rows and 28 ms for 14 (the 2 x 7 used before).
+TRACE_SHAPE = (1, 2)
+
 
 def find_layer_container(model: torch.nn.Module) -> tuple[str | None, int]:
     """The ModuleList of repeated blocks holding the most parameters (path, length)."""
@@ -44,7 +50,7 @@ def _trace_input(model: torch.nn.Module) -> torch.Tensor:
     vocab = emb.num_embeddings if emb is not None else getattr(getattr(model, "config", None), "vocab_size", 32)
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
-    return torch.randint(0, vocab, (2, 7), generator=gen).to(device)
+    return torch.randint(0, vocab, TRACE_SHAPE, generator=gen).to(device)
 
 
 def discover(model: torch.nn.Module, input_ids: torch.Tensor | None = None, *, cache: bool = True) -> PruningGraph:
