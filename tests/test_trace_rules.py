@@ -69,6 +69,12 @@ def test_pointwise_tagged_ops_need_no_entry():
     sp = result.spaces
     first, second = result.param_atoms["mlp.0.weight"][0], result.param_atoms["mlp.2.weight"][1]
     assert sp.find(first) == sp.find(second)  # the gelu keeps the 6 channels one space
+    # the trace is over: layouts are computed once, and nothing can be related any more
+    assert sp.layout(first) is sp.layout(second)
+    for relate in (lambda: sp.union(first, second), lambda: sp.new(3), lambda: sp.block(first),
+                   lambda: sp.define(first, "cat", [first])):
+        with pytest.raises(RuntimeError, match="frozen"):
+            relate()
 
 
 def test_a_graph_that_warned_is_not_reused(monkeypatch):
