@@ -65,6 +65,8 @@ _NAME_HINTS = {
 
 # module attributes that hold a module's query-head count by name, bound even when no traced view uses them
 HEAD_COUNT_NAMES = re.compile(r"n_heads?|num_heads|num_attention_heads|n_head")
+# query heads per kv head; a width only where the elements are the query heads of one shared kv head
+QUERY_GROUP_NAMES = re.compile(r"num_key_value_groups|num_queries_per_kv|n_rep")
 
 # count -> config fields by Hugging Face convention.  "first": only the first field the config has
 # carries it; otherwise every field whose value equals the count at discovery does.
@@ -170,7 +172,8 @@ def _traced_links(result: TraceResult, leaf_groups: dict[int, Group], modules: d
 
 
 def _named_head_counts(groups, modules: dict, seen: set) -> list[WidthLink]:
-    """Query-head counts no traced view used (GPT-2's ``num_heads`` under older transformers): bound by name.
+    """Query-head counts no traced view used (GPT-2's ``num_heads`` under older transformers; a multi-query
+    model's ``num_key_value_groups`` where the traced attention took SDPA's own GQA path): bound by name.
 
     A module's attribute is the same count whether or not this transformers release reads it in
     ``forward``; binding it keeps the pruned module, and checkpoints loaded by another release, consistent.
@@ -180,8 +183,11 @@ def _named_head_counts(groups, modules: dict, seen: set) -> list[WidthLink]:
         module = modules.get(group.name)
         if group.kind != "heads" or not group.heads_per_element or module is None:
             continue
+        names = HEAD_COUNT_NAMES.pattern
+        if group.kv_heads_per_element == 0:  # query heads of one shared kv head (multi-query): also their count
+            names += "|" + QUERY_GROUP_NAMES.pattern
         for attr, value in vars(module).items():
-            if (HEAD_COUNT_NAMES.fullmatch(attr) and (group.name, attr) not in seen and type(value) is int
+            if (re.fullmatch(names, attr) and (group.name, attr) not in seen and type(value) is int
                     and value == group.size * group.heads_per_element):
                 links.append(WidthLink(group.name, attr, group.name, group.heads_per_element, "name"))
     return links

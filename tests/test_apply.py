@@ -165,3 +165,23 @@ def test_pruned_model_trains_and_generates(dtype, attn):
     assert gen.shape == (1, 11)
     if dtype == torch.float32:
         assert torch.equal(gen, nocache)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_multi_query_head_count_follows_the_plan_with_a_padding_mask(attn):
+    """Multi-query (one kv head): the query heads are the elements and ``num_key_value_groups`` their count.
+    Where the traced attention takes SDPA's own GQA path (transformers 5.6 without a mask) no view shows
+    that count, so it is bound by name; a padding mask sends the pruned model through ``repeat_kv``."""
+    model = tiny_llama(heads=4, kv_heads=1, attn=attn)
+    graph = discover(model)
+    plan = _plan(graph, {g.name: [0, 2, 3] for g in graph.groups_of("heads")})
+    reference = masked_reference(model, plan, graph)
+    x = _tokens(model.config.vocab_size)
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0  # left padding in the first row
+    with torch.no_grad():
+        expected = reference(x, attention_mask=mask).logits
+        apply(model, plan, graph)
+        got = model(x, attention_mask=mask).logits
+    assert [layer.self_attn.num_key_value_groups for layer in model.model.layers] == [3] * len(model.model.layers)
+    torch.testing.assert_close(got[:, 4:], expected[:, 4:], rtol=1e-5, atol=1e-5)
