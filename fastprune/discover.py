@@ -18,6 +18,9 @@ from fastprune.widths import resolve_widths
 # attention and its causal mask on the prefill path; the groups do not depend on the values or on which
 # experts the tokens reach), and every linear layer of the trace is cheaper with fewer rows: on the CPU
 # the 49k x 576 output head of SmolLM2 takes 7 ms for 2 rows and 28 ms for 14 (the 2 x 7 used before).
+# The shape can choose the code path a model takes (two tokens inside a sliding window need no mask, and
+# transformers 5.6 then runs SDPA's own GQA path): widths such a path does not show are bound by name
+# (widths._named_head_counts); tests/test_fuzz.py runs 500 random models through this on two releases.
 TRACE_SHAPE = (1, 2)
 
 
