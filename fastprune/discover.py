@@ -112,12 +112,10 @@ def _leaf_slices(result: TraceResult, shapes) -> tuple[dict[int, list[Slice]], s
                     blocked.add(leaf)
                     continue
                 offsets = base.tolist()
-                one_run = offsets == list(range(offsets[0], offsets[0] + len(offsets)))
-                # elements would overlap: not a removable unit (one run shorter than the stride never does)
-                if not (one_run and len(offsets) <= stride) and _overlaps(base, stride, size):
+                if _overlaps(offsets, stride, size):  # elements would overlap: not a removable unit
                     blocked.add(leaf)
                     continue
-                if one_run:
+                if offsets == list(range(offsets[0], offsets[0] + len(offsets))):  # one run
                     slices[leaf].append(Slice(name, dim, tuple(offsets), int(stride), role))
                     continue
                 # one slice per contiguous run of the base (fused [q; k; v] rows give three runs)
@@ -127,11 +125,11 @@ def _leaf_slices(result: TraceResult, shapes) -> tuple[dict[int, list[Slice]], s
     return slices, blocked
 
 
-def _overlaps(base: np.ndarray, stride: int, size: int) -> bool:
-    """Whether two of the ``size`` elements ``i * stride + base`` share an index."""
-    if len(base) and np.all(np.diff(base) > 0) and base[-1] - base[0] < stride:
+def _overlaps(offsets: list[int], stride: int, size: int) -> bool:
+    """Whether two of the ``size`` elements ``i * stride + offsets`` share an index."""
+    if offsets and offsets[-1] - offsets[0] < stride and all(a < b for a, b in zip(offsets, offsets[1:])):
         return False  # increasing offsets within one stride: element i owns [i * stride, (i + 1) * stride)
-    every = (np.arange(size)[:, None] * stride + base[None, :]).reshape(-1)
+    every = (np.arange(size)[:, None] * stride + np.asarray(offsets, dtype=np.int64)[None, :]).reshape(-1)
     return len(np.unique(every)) != len(every)
 
 
