@@ -183,11 +183,10 @@ def _named_head_counts(groups, modules: dict, seen: set) -> list[WidthLink]:
         module = modules.get(group.name)
         if group.kind != "heads" or not group.heads_per_element or module is None:
             continue
-        names = HEAD_COUNT_NAMES.pattern
-        if group.kv_heads_per_element == 0:  # query heads of one shared kv head (multi-query): also their count
-            names += "|" + QUERY_GROUP_NAMES.pattern
+        multi_query = group.kv_heads_per_element == 0  # query heads of one shared kv head: also their count
         for attr, value in vars(module).items():
-            if (re.fullmatch(names, attr) and (group.name, attr) not in seen and type(value) is int
+            named = HEAD_COUNT_NAMES.fullmatch(attr) or (multi_query and QUERY_GROUP_NAMES.fullmatch(attr))
+            if (named and (group.name, attr) not in seen and type(value) is int
                     and value == group.size * group.heads_per_element):
                 links.append(WidthLink(group.name, attr, group.name, group.heads_per_element, "name"))
     return links
