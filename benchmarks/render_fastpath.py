@@ -1,9 +1,11 @@
-"""Render RESULTS.md's fast-path tables ("The fast path on the CPU") from bench_prune's JSON lines.
+"""Render RESULTS.md's CPU kernel and fast-path tables from the benchmarks' committed JSON lines.
 
-    python benchmarks/render_fastpath.py [benchmarks/results/fastpath-2026-12-01.jsonl]
+    python benchmarks/render_fastpath.py [PRUNE_JSONL [KERNELS_JSONL]]
 
-Each line is one ``bench_prune.py --jsonl`` row with the number of the invocation that wrote it (``run``)
-added; the SmolLM2 rows give one table, the Llama-3.2-1B-shape rows (and their dense baseline) another.
+``PRUNE_JSONL`` (default results/fastpath-2026-12-01.jsonl): ``bench_prune.py --jsonl`` rows with the number
+of the invocation that wrote each (``run``) added; the SmolLM2 rows give one table, the Llama-3.2-1B-shape
+rows (and their dense baseline) another.  ``KERNELS_JSONL`` (default results/kernels-2026-12-01.jsonl):
+``bench_kernels.py --small --jsonl`` rows, one table (reference against C++ per op and shape).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT = Path(__file__).resolve().parent / "results" / "fastpath-2026-12-01.jsonl"
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT = RESULTS / "fastpath-2026-12-01.jsonl"
+KERNELS = RESULTS / "kernels-2026-12-01.jsonl"
 FAST_STAGES = ("discovery", "selection", "compaction")
 
 
@@ -57,13 +61,29 @@ def llama_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def render(path: Path) -> str:
-    """Both tables, SmolLM2's first, separated by a blank line."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def kernels_table(rows: list[dict]) -> str:
+    """Per op and shape: the reference's and the C++ kernel's median milliseconds, and their ratio."""
+    out = ["| op | shape | reference ms | C++ ms | speedup |", "|---|---|---:|---:|---:|"]
+    ref = {(r["op"], tuple(r["shape"])): r for r in rows if r["backend"] == "reference"}
+    for r in rows:
+        if r["backend"] == "cpp":
+            base = ref[(r["op"], tuple(r["shape"]))]
+            out.append(f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {base['ms']:.2f} | {r['ms']:.2f} | "
+                       f"{base['ms'] / r['ms']:.2f}x |")
+    return "\n".join(out)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def render(path: Path = DEFAULT, kernels: Path = KERNELS) -> str:
+    """The kernel table, then SmolLM2's and the Llama shape's, separated by blank lines."""
+    rows = _rows(path)
     smollm2 = [r for r in rows if r["shape"] == "smollm2-real"]
     llama = [r for r in rows if r["shape"] == "llama3.2-1b"]
-    return smollm2_table(smollm2) + "\n\n" + llama_table(llama)
+    return "\n\n".join((kernels_table(_rows(kernels)), smollm2_table(smollm2), llama_table(llama)))
 
 
 if __name__ == "__main__":
-    print(render(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT))
+    print(render(*(Path(a) for a in sys.argv[1:3])))

@@ -19,7 +19,7 @@ NATIVE_DIR = Path(__file__).resolve().parent / "_native"
 MIN_TORCH = "2.11"  # the floor of pyproject.toml's torch requirement (tests/test_install.py keeps them equal)
 REBUILD = ("install cmake and a C++ compiler, then reinstall fastprune from its source with "
            "pip install --no-build-isolation --no-deps --force-reinstall <source dir or sdist>")
-COST = ("the PyTorch reference kernels run instead: the same plans, but the Taylor scoring reduction is 2.6-8x "
+COST = ("the PyTorch reference kernels run instead: the same plans, but the Taylor scoring reduction is 2.4-8x "
         "slower and a whole SmolLM2 prune 1.03-1.3x slower on 2 CPU cores (benchmarks/RESULTS.md)")
 
 

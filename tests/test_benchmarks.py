@@ -131,10 +131,10 @@ def test_the_tuning_table_in_results_is_what_its_json_lines_render():
 
 
 def test_the_fast_path_tables_in_results_are_what_their_json_lines_render():
-    """RESULTS.md's fast-path tables (SmolLM2 runs, Llama-3.2-1B shape) are rendered from bench_prune's
-    committed JSON lines by render_fastpath.py, not typed."""
+    """RESULTS.md's CPU kernel table and fast-path tables (SmolLM2 runs, Llama-3.2-1B shape) are rendered from
+    bench_kernels' and bench_prune's committed JSON lines by render_fastpath.py, not typed."""
     tables = _run([BENCH / "render_fastpath.py"]).strip().split("\n\n")
     results = (BENCH / "RESULTS.md").read_text()
-    assert len(tables) == 2 and all(t.count("\n") >= 3 for t in tables)
+    assert len(tables) == 3 and all(t.count("\n") >= 3 for t in tables)
     for table in tables:
         assert table in results
